@@ -1,0 +1,21 @@
+"""Builds slug_fast with its C++ extension slug_fast._C (csrc/, ninja) and ships the
+Triton kernels of kernels/ as slug_fast.kernels. Needs torch at build time: install
+torch first, then `pip install --no-build-isolation .`."""
+import glob
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ext = CppExtension(
+    name="slug_fast._C",
+    sources=sorted(glob.glob("csrc/*.cpp")),
+    extra_compile_args={"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"]},
+    extra_link_args=["-fopenmp"],
+)
+
+setup(
+    packages=["slug_fast", "slug_fast.kernels"],
+    package_dir={"slug_fast": "slug_fast", "slug_fast.kernels": "kernels"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

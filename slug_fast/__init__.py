@@ -1,0 +1,28 @@
+"""slug_fast: remove a concept from a trained model by editing one layer once along one gradient.
+
+    import slug_fast
+    result = slug_fast.unlearn(model, forget_batches, retain_batches, criterion)
+    result.save("delta/")                      # safetensors + JSON, only the changed tensors
+    slug_fast.apply_delta(other_copy, "delta/")
+"""
+import torch  # noqa: F401  (loads libtorch before the C++ extension)
+
+from ._backends import availability as backends
+from .delta import apply_delta, load_delta, save_delta
+from .edit import LayerEdit
+from .errors import CriterionNotReached, DeltaError, NonFiniteError, SlugError
+from .gradients import Gradients, compute_gradients
+from .losses import clip_forget_loss, clip_retain_loss
+from .pareto import is_eligible, pareto_front
+from .search import Evaluation, SearchResult, search_step, start_step
+from .stats import LayerStats, layer_stats
+from .unlearn import Candidate, UnlearnResult, unlearn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Candidate", "CriterionNotReached", "DeltaError", "Evaluation", "Gradients", "LayerEdit",
+    "LayerStats", "NonFiniteError", "SearchResult", "SlugError", "UnlearnResult", "apply_delta",
+    "backends", "clip_forget_loss", "clip_retain_loss", "compute_gradients", "is_eligible",
+    "layer_stats", "load_delta", "pareto_front", "save_delta", "search_step", "start_step", "unlearn",
+]

@@ -1,0 +1,188 @@
+"""Tiny deterministic CLIP trained on scikit-learn's 8x8 handwritten digits (built-in demo model)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.tokenizer import SimpleTokenizer
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+TEMPLATES = (
+    "a photo of the digit {}",
+    "handwritten {}",
+    "a drawing of the number {}",
+    "the number {}",
+    "a scan of a handwritten {}",
+    "the digit {}",
+)
+CONTEXT_LENGTH = 16
+EMBED_DIM = 64
+VISION_CFG = dict(image_size=8, patch_size=4, width=64, layers=2, head_width=32, mlp_ratio=2.0, pool_type="avg")
+TEXT_CFG = dict(context_length=CONTEXT_LENGTH, vocab_size=49408, width=64, heads=2, layers=2, mlp_ratio=2.0)
+
+
+@dataclass(frozen=True)
+class DigitsData:
+    """Normalised train/test split of the sklearn digits as (N, 3, 8, 8) float32 images and int64 labels."""
+
+    train_images: torch.Tensor
+    test_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def load_digits_data(seed: int = 0, test_fraction: float = 0.3) -> DigitsData:
+    """Load sklearn digits, split stratified and deterministically, normalise with train statistics."""
+    ds = load_digits()
+    x = ds.images.astype(np.float32) / 16.0
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, ds.target, test_size=test_fraction, random_state=seed, stratify=ds.target
+    )
+    mean, std = float(x_tr.mean()), float(x_tr.std())
+
+    def prep(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy((a - mean) / std).float()
+        return t[:, None].repeat(1, 3, 1, 1).contiguous()
+
+    return DigitsData(prep(x_tr), prep(x_te), torch.as_tensor(y_tr, dtype=torch.int64),
+                      torch.as_tensor(y_te, dtype=torch.int64))
+
+
+def build_model(seed: int = 0) -> open_clip.model.CLIP:
+    """Build the tiny, seeded open_clip CLIP (ViT 8x8 patch-4 image tower, 2-layer text transformer)."""
+    torch.manual_seed(seed)
+    return open_clip.model.CLIP(embed_dim=EMBED_DIM, vision_cfg=dict(VISION_CFG), text_cfg=dict(TEXT_CFG))
+
+
+@lru_cache(maxsize=None)
+def tokenizer(context_length: int = CONTEXT_LENGTH) -> SimpleTokenizer:
+    """Return open_clip's (offline) BPE SimpleTokenizer for the given context length."""
+    return SimpleTokenizer(context_length=context_length)
+
+
+def tokenize(texts: list[str]) -> torch.LongTensor:
+    """Tokenize captions to a (len(texts), CONTEXT_LENGTH) LongTensor."""
+    return tokenizer(CONTEXT_LENGTH)(list(texts))
+
+
+def captions_for(labels: torch.Tensor, generator: torch.Generator | None = None) -> list[str]:
+    """Caption each label with a randomly drawn template."""
+    idx = torch.randint(len(TEMPLATES), (len(labels),), generator=generator)
+    return [TEMPLATES[t].format(DIGIT_NAMES[y]) for t, y in zip(idx.tolist(), labels.tolist())]
+
+
+@torch.no_grad()
+def class_text_features(model: open_clip.model.CLIP) -> torch.Tensor:
+    """Zero-shot classifier weights (10, embed_dim): renormalised mean of normalised template embeddings."""
+    texts = [t.format(name) for name in DIGIT_NAMES for t in TEMPLATES]
+    feats = F.normalize(model.encode_text(tokenize(texts)), dim=-1)
+    return F.normalize(feats.view(len(DIGIT_NAMES), len(TEMPLATES), -1).mean(1), dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_logits(model: open_clip.model.CLIP, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """Scaled cosine-similarity logits (N, 10) of images against class text features."""
+    img = F.normalize(model.encode_image(images), dim=-1)
+    return model.logit_scale.exp() * img @ text_features.T
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model: open_clip.model.CLIP, images: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    """Zero-shot top-k accuracy in percent."""
+    logits = zero_shot_logits(model, images, class_text_features(model))
+    topk = logits.topk(k, dim=-1).indices
+    return 100.0 * (topk == labels[:, None]).any(-1).float().mean().item()
+
+
+def _clip_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE with soft targets spread uniformly over same-label pairs."""
+    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    same = (labels[:, None] == labels[None, :]).float()
+    targets = same / same.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def train_digits_clip(
+    seed: int = 0,
+    epochs: int = 10,
+    data: DigitsData | None = None,
+    progress: bool = False,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    weight_decay: float = 0.05,
+    num_threads: int | None = 1,
+) -> open_clip.model.CLIP:
+    """Train the tiny CLIP contrastively on train-split image/caption pairs; returns it in eval mode."""
+    if num_threads is None:
+        return _train(seed, epochs, data, progress, batch_size, lr, weight_decay)
+    # Ops this small gain nothing from intra-op threads, and one thread stays fast under CPU contention.
+    old = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        return _train(seed, epochs, data, progress, batch_size, lr, weight_decay)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _train(seed, epochs, data, progress, batch_size, lr, weight_decay) -> open_clip.model.CLIP:
+    """Training loop behind train_digits_clip."""
+    data = data if data is not None else load_digits_data()
+    model = build_model(seed)
+    gen = torch.Generator().manual_seed(seed)
+    # Pre-tokenised caption table, row = digit * len(TEMPLATES) + template: training draws from it like captions_for.
+    table = tokenize([t.format(n) for n in DIGIT_NAMES for t in TEMPLATES])
+    x, y = data.train_images, data.train_labels
+    steps_per_epoch = math.ceil(len(y) / batch_size)
+    total = max(1, epochs * steps_per_epoch)
+    warmup = max(1, total // 10)
+    # Train only the token-embedding rows the captions use (the 49408-row table would dominate step time);
+    # sorted unique ids keep order, so argmax (EOT) pooling and pad id 0 are unchanged.
+    full_emb = model.token_embedding
+    vocab, table = table.unique(return_inverse=True)
+    model.token_embedding = torch.nn.Embedding.from_pretrained(full_emb.weight[vocab].clone(), freeze=False)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)],
+                            lr=lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc="digits-clip")
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), batch_size):
+            idx = perm[i:i + batch_size]
+            labels = y[idx]
+            tmpl = torch.randint(len(TEMPLATES), (len(idx),), generator=gen)
+            # Encode each distinct caption once, then gather (identical to encoding every caption).
+            key = labels * len(TEMPLATES) + tmpl
+            uniq, inv = key.unique(return_inverse=True)
+            txt = model.encode_text(table[uniq])[inv]
+            img = model.encode_image(x[idx])
+            loss = _clip_loss(img, txt, labels, model.logit_scale.exp())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update()
+    if bar is not None:
+        bar.close()
+    with torch.no_grad():
+        full_emb.weight[vocab] = model.token_embedding.weight
+    model.token_embedding = full_emb
+    return model.eval()

@@ -1,0 +1,120 @@
+"""Transactional in-place edit of a few parameter tensors: theta = theta0 + step * d."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from . import _backends
+from .errors import NonFiniteError, SlugError, unknown_name
+
+
+def axpy_reference(out: torch.Tensor, base: torch.Tensor, direction: torch.Tensor, step: float) -> None:
+    """The oracle update: out = cast(base + step * direction), computed in float32 (float64)."""
+    compute = torch.float64 if out.dtype == torch.float64 else torch.float32
+    scaled = torch.tensor(step, dtype=compute, device=out.device) * direction.to(compute)
+    out.copy_(base.to(compute) + scaled)
+
+
+def axpy(out: torch.Tensor, base: torch.Tensor, direction: torch.Tensor, step: float,
+         backend: str = "auto") -> str:
+    """out = cast(base + step * direction) on the best backend for the device; returns its name."""
+    if not (out.is_contiguous() and base.is_contiguous() and direction.is_contiguous()):
+        backend = "torch"
+    chosen = _backends.choose("axpy", out.device, backend)
+    if chosen == "torch":
+        axpy_reference(out, base, direction, step)
+    else:
+        _backends.module(chosen).axpy_into(out, base, direction, float(step))
+    return chosen
+
+
+class LayerEdit:
+    """Context manager that edits `directions`' parameters in place, transactionally.
+
+    `step(lam)` sets theta = theta0 + lam * d (in float32 from theta0, cast to the
+    parameter's dtype; never accumulated step over step); `commit()` keeps the
+    current value. Leaving the block without commit, by any path, restores theta0
+    bit-exactly. Only the edited tensors are copied, never the model.
+
+        with LayerEdit(model, {"visual.proj": g}) as edit:
+            edit.step(0.5)
+            if good(model):
+                edit.commit()
+    """
+
+    def __init__(self, model: torch.nn.Module, directions: Mapping[str, torch.Tensor],
+                 backend: str = "auto"):
+        named = dict(model.named_parameters())
+        if not directions:
+            raise SlugError("LayerEdit needs at least one {parameter name: direction}")
+        self._params: dict[str, torch.nn.Parameter] = {}
+        self._directions: dict[str, torch.Tensor] = {}
+        for name, d in directions.items():
+            if name not in named:
+                raise unknown_name("parameter", name, named)
+            p = named[name]
+            if not isinstance(d, torch.Tensor) or d.shape != p.shape:
+                got = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+                raise SlugError(f"direction for {name!r} has shape {got}; the parameter has shape {tuple(p.shape)}")
+            if not d.is_floating_point():
+                raise SlugError(f"direction for {name!r} has dtype {d.dtype}; it must be floating point")
+            if d.device != p.device:
+                raise SlugError(f"direction for {name!r} is on {d.device}; the parameter is on {p.device}")
+            if not p.is_floating_point():
+                raise SlugError(f"parameter {name!r} has dtype {p.dtype}; only floating-point tensors can be edited")
+            if not bool(torch.isfinite(d).all()):
+                raise NonFiniteError(f"direction for {name!r} holds NaN or Inf")
+            self._params[name] = p
+            self._directions[name] = d.detach().contiguous()
+        self.backend = backend
+        self.used_backend: str | None = None
+        self._theta0: dict[str, torch.Tensor] | None = None
+        self._committed = False
+        self.current_step = 0.0
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._params)
+
+    def __enter__(self) -> "LayerEdit":
+        if self._theta0 is not None:
+            raise SlugError("this LayerEdit is already active; create a new one for another edit")
+        self._theta0 = {n: p.detach().clone(memory_format=torch.contiguous_format)
+                        for n, p in self._params.items()}
+        self._committed = False
+        return self
+
+    def step(self, step: float) -> None:
+        """Set every edited tensor to theta0 + step * d."""
+        if self._theta0 is None:
+            raise SlugError("LayerEdit.step() must be called inside its `with` block")
+        step = float(step)
+        if not torch.isfinite(torch.tensor(step)):
+            raise SlugError(f"step must be finite, got {step}")
+        with torch.no_grad():
+            for name, p in self._params.items():
+                self.used_backend = axpy(p.data, self._theta0[name], self._directions[name], step,
+                                         self.backend)
+                # the kernels write through data pointers: tell autograd the tensor changed
+                torch.autograd.graph.increment_version(p)
+        self.current_step = step
+
+    def commit(self) -> None:
+        """Keep the current values when the block ends."""
+        self._committed = True
+
+    def restore(self) -> None:
+        """Put theta0 back bit-exactly (the block stays open)."""
+        with torch.no_grad():
+            for name, p in self._params.items():
+                p.data.copy_(self._theta0[name])
+        self.current_step = 0.0
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if not self._committed:
+                self.restore()
+        finally:
+            self._theta0 = None
+        return False

@@ -1,0 +1,111 @@
+"""Pareto front of layers by (low alignment, high importance), and the layer choice on top."""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from . import _backends
+from .errors import SlugError
+
+# A name rule: a prefix string, a compiled regex (searched), or a predicate on the name.
+NameRule = str | re.Pattern | Callable[[str], bool]
+
+# Substrings that make a tensor ineligible by default (shared/SLUG.md).
+DEFAULT_EXCLUDE = ("bias", "logit_scale", "position", "embedding", "norm", "ln_")
+
+OPEN_CLIP_TOWERS: dict[str, NameRule] = {"vision": "visual.", "text": lambda n: not n.startswith("visual.")}
+HF_CLIP_TOWERS: dict[str, NameRule] = {"vision": "vision_model.", "text": "text_model."}
+
+
+def pareto_front(alignment, importance, backend: str = "auto") -> list[int]:
+    """Ascending indices that no other index strictly dominates.
+
+    j dominates i iff alignment[j] < alignment[i] and importance[j] > importance[i].
+    Ties and duplicates are all kept; a NaN in either value is never on the front.
+    """
+    a = torch.as_tensor(alignment, dtype=torch.float64).flatten().cpu()
+    m = torch.as_tensor(importance, dtype=torch.float64).flatten().cpu()
+    if a.numel() != m.numel():
+        raise SlugError(f"alignment has {a.numel()} values but importance has {m.numel()}")
+    chosen = _backends.choose("pareto_front", torch.device("cpu"), backend if backend != "triton" else "cpp")
+    if chosen == "cpp":
+        return _backends.module("cpp").pareto_front(a, m).tolist()
+    return _front_reference(a, m)
+
+
+def _front_reference(a: torch.Tensor, m: torch.Tensor) -> list[int]:
+    """Sort by alignment; i is dominated iff max importance over strictly smaller alignment > m[i]."""
+    keep = ~(a.isnan() | m.isnan())
+    idx = keep.nonzero().flatten()
+    a, m = a[idx], m[idx]
+    order = torch.argsort(a, stable=True)
+    a, m, idx = a[order], m[order], idx[order]
+    running = torch.cummax(m, dim=0).values
+    # position of the first element of each alignment group, then max before it
+    first = torch.searchsorted(a, a, side="left")
+    before = torch.where(first > 0, running[(first - 1).clamp(min=0)], torch.tensor(-torch.inf, dtype=m.dtype))
+    return sorted(idx[~(before > m)].tolist())
+
+
+def matches(rule: NameRule, name: str) -> bool:
+    """Whether `name` satisfies a name rule (prefix, regex or predicate)."""
+    if isinstance(rule, str):
+        return name.startswith(rule)
+    if isinstance(rule, re.Pattern):
+        return rule.search(name) is not None
+    return bool(rule(name))
+
+
+def is_eligible(name: str, shape: Sequence[int], exclude: Sequence[str] = DEFAULT_EXCLUDE) -> bool:
+    """Default eligibility: a tensor with >= 2 dims whose name holds none of `exclude`."""
+    lowered = name.lower()
+    return len(shape) >= 2 and not any(word in lowered for word in exclude)
+
+
+def default_towers(names: Sequence[str]) -> dict[str, NameRule]:
+    """open_clip towers (visual.* / rest), HF CLIP towers, else one tower "model"."""
+    if any(n.startswith("visual.") for n in names):
+        return OPEN_CLIP_TOWERS
+    if any(n.startswith("vision_model.") for n in names) and any(n.startswith("text_model.") for n in names):
+        return HF_CLIP_TOWERS
+    return {"model": lambda n: True}
+
+
+def split_towers(names: Sequence[str], towers: Mapping[str, NameRule]) -> dict[str, list[str]]:
+    """tower -> its names (each name goes to the first tower whose rule matches)."""
+    out: dict[str, list[str]] = {t: [] for t in towers}
+    for name in names:
+        for tower, rule in towers.items():
+            if matches(rule, name):
+                out[tower].append(name)
+                break
+    empty = [t for t, members in out.items() if not members]
+    if empty:
+        raise SlugError(f"tower rule for {empty[0]!r} matches no eligible parameter; "
+                        f"eligible names start with: {sorted({n.split('.')[0] for n in names})[:5]}")
+    return out
+
+
+# HF CLIP naming: q/k/v projections move together, and so do fc1/fc2.
+_GROUPS = (re.compile(r"^(.*\.)(q|k|v)_proj\.weight$"), re.compile(r"^(.*\.)(fc1|fc2)\.weight$"))
+_GROUP_MEMBERS = (("q", "k", "v"), ("fc1", "fc2"))
+
+
+def group_of(name: str, names: Sequence[str]) -> list[str]:
+    """The layers updated together with `name` (HF q/k/v_proj and fc1/fc2), itself included."""
+    for pattern, members in zip(_GROUPS, _GROUP_MEMBERS):
+        hit = pattern.match(name)
+        if hit:
+            suffix = "_proj.weight" if members[0] == "q" else ".weight"
+            group = [f"{hit.group(1)}{m}{suffix}" for m in members]
+            present = set(names)
+            return [g for g in group if g in present]
+    return [name]
+
+
+def deepest(candidates: Sequence[str], depth_order: Sequence[str]) -> str:
+    """The candidate that comes last in `depth_order` (names from input to output)."""
+    position = {n: i for i, n in enumerate(depth_order)}
+    return max(candidates, key=lambda n: position.get(n, -1))

@@ -1,0 +1,90 @@
+"""Step-size search (shared/SLUG.md): double until the criterion holds, then bisect."""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import SlugError
+
+# evaluate(step) -> (criterion satisfied, metrics). The facade builds it from a
+# LayerEdit and the user's criterion; a cheaper evaluator (one that caches what the
+# edit cannot change) can replace it without touching the search.
+Evaluator = Callable[[float], "tuple[bool, dict]"]
+
+
+@dataclass
+class Evaluation:
+    """One evaluation of the search: the step tried and what the criterion said."""
+
+    step: float
+    satisfied: bool
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class SearchResult:
+    """The smallest step that met the criterion (None if none did), and every evaluation."""
+
+    step: float | None
+    start: float
+    trace: list[Evaluation]
+
+    @property
+    def reached(self) -> bool:
+        return self.step is not None
+
+    @property
+    def best(self) -> Evaluation | None:
+        """The evaluation at the chosen step."""
+        hits = [e for e in self.trace if e.satisfied and e.step == self.step]
+        return hits[0] if hits else None
+
+
+def criterion_result(out) -> tuple[bool, dict]:
+    """Normalise a criterion's return value: bool, or (bool, metrics dict)."""
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[1], dict):
+            raise SlugError("a criterion returns a bool or a (bool, metrics dict) pair, "
+                            f"got a tuple of {len(out)} items")
+        return bool(out[0]), dict(out[1])
+    if hasattr(out, "__bool__") and not isinstance(out, (list, dict, str)):
+        return bool(out), {}
+    raise SlugError(f"a criterion returns a bool or a (bool, metrics dict) pair, got {type(out).__name__}")
+
+
+def start_step(param_norm: float, forget_norm: float, fraction: float = 0.1) -> float:
+    """The step whose update norm is `fraction` of the layer's norm: fraction * ||theta|| / ||g_f||."""
+    if not (forget_norm > 0 and param_norm > 0):
+        raise SlugError(f"cannot start a step search on a layer with ||theta|| = {param_norm} and "
+                        f"||g_f|| = {forget_norm}; both must be positive")
+    return fraction * param_norm / forget_norm
+
+
+def search_step(evaluate: Evaluator, start: float, max_evals: int = 10) -> SearchResult:
+    """Smallest step in the search path where `evaluate` says the criterion holds.
+
+    lo = 0, hi = inf; at each step: if satisfied, hi = step, else lo = step; the next
+    step doubles while hi is inf and bisects (lo + hi) / 2 after. At most `max_evals`
+    evaluations.
+    """
+    if not (math.isfinite(start) and start > 0):
+        raise SlugError(f"the start step must be a positive finite number, got {start}")
+    if max_evals < 1:
+        raise SlugError(f"max_evals must be at least 1, got {max_evals}")
+    lo, hi, step = 0.0, math.inf, float(start)
+    trace: list[Evaluation] = []
+    for _ in range(max_evals):
+        t0 = time.perf_counter()
+        satisfied, metrics = evaluate(step)
+        trace.append(Evaluation(step, bool(satisfied), metrics, time.perf_counter() - t0))
+        if satisfied:
+            hi = step
+        else:
+            lo = step
+        step = 2 * step if math.isinf(hi) else (lo + hi) / 2
+        if not math.isfinite(step):
+            break
+    return SearchResult(None if math.isinf(hi) else hi, float(start), trace)

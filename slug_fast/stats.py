@@ -1,0 +1,146 @@
+"""Per-layer statistics: norms, importance and forget/retain gradient alignment."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from . import _backends
+from .errors import NonFiniteError, SlugError, unknown_name
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Statistics of each layer, all 1-D float64 tensors in the order of `names`.
+
+    importance = ||g_f|| / ||theta|| (0 where either norm is 0);
+    alignment = |<g_f, g_r>| / (||g_f|| ||g_r||) (0 where either norm is 0).
+    """
+
+    names: list[str]
+    param_norm: torch.Tensor
+    forget_norm: torch.Tensor
+    retain_norm: torch.Tensor
+    dot: torch.Tensor
+    importance: torch.Tensor
+    alignment: torch.Tensor
+    backend: str
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise unknown_name("layer", name, self.names) from None
+
+    def rows(self) -> list[dict]:
+        """One JSON-ready dict per layer."""
+        cols = ("param_norm", "forget_norm", "retain_norm", "dot", "importance", "alignment")
+        values = {c: getattr(self, c).tolist() for c in cols}
+        return [{"name": n, **{c: values[c][i] for c in cols}} for i, n in enumerate(self.names)]
+
+
+def sums_reference(params, forget, retain=None) -> torch.Tensor:
+    """The oracle backend: float64 per-layer sums, one layer at a time."""
+    rows = []
+    for i, (p, f) in enumerate(zip(params, forget)):
+        p64, f64 = p.double(), f.double()
+        r64 = retain[i].double() if retain is not None else torch.zeros_like(f64)
+        rows.append(torch.stack([p64.square().sum(), f64.square().sum(),
+                                 r64.square().sum(), (f64 * r64).sum()]))
+    if not rows:
+        return torch.zeros((0, 4), dtype=torch.float64)
+    return torch.stack(rows).cpu()
+
+
+_SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# Declared accuracy of each backend's sums (sum x^2, and sum f*r relative to sum |f*r|)
+# against exact float64 sums of the same input values, for 16/32-bit inputs:
+# cpp sums 32-term float32 lanes into float64, triton 8-term lanes then a float32
+# tree over 1024 lanes, torch is the float64 reference.
+SUM_RTOL = {"cpp": 1e-5, "triton": 1e-5, "torch": 1e-12}
+
+
+def _check_layer(name: str, p: torch.Tensor, g: torch.Tensor, which: str) -> None:
+    if not isinstance(g, torch.Tensor):
+        raise SlugError(f"{which} gradient of {name!r} is {type(g).__name__}, not a tensor")
+    if g.shape != p.shape:
+        raise SlugError(f"{which} gradient of {name!r} has shape {tuple(g.shape)}; "
+                        f"the parameter has shape {tuple(p.shape)}")
+    if g.dtype != p.dtype:
+        raise SlugError(f"{which} gradient of {name!r} has dtype {g.dtype}; "
+                        f"it must match the parameter's dtype {p.dtype}")
+    if g.device != p.device:
+        raise SlugError(f"{which} gradient of {name!r} is on {g.device}; "
+                        f"the parameter is on {p.device}")
+
+
+def layer_stats(params: Mapping[str, torch.Tensor], forget_grads: Mapping[str, torch.Tensor],
+                retain_grads: Mapping[str, torch.Tensor] | None = None,
+                backend: str = "auto") -> LayerStats:
+    """Statistics of every layer in `forget_grads` (in its order), in one fused pass.
+
+    `params` maps names to parameter tensors (it may hold more names than the
+    gradients); `retain_grads`, when given, must hold the same names as
+    `forget_grads`. All tensors of a layer share shape, dtype and device.
+    backend: "auto" (C++ for CPU tensors, Triton for CUDA tensors), "cpp",
+    "triton" or "torch" (the float64 reference).
+    """
+    names = list(forget_grads)
+    if retain_grads is not None:
+        missing = [n for n in names if n not in retain_grads]
+        extra = [n for n in retain_grads if n not in forget_grads]
+        if missing or extra:
+            raise SlugError("forget and retain gradients must cover the same layers; "
+                            f"missing from retain: {missing[:3]}, only in retain: {extra[:3]}")
+    p_list, f_list, r_list = [], [], []
+    for name in names:
+        if name not in params:
+            raise unknown_name("parameter", name, params)
+        p = params[name].detach()
+        if p.dtype not in _SUPPORTED:
+            raise SlugError(f"parameter {name!r} has dtype {p.dtype}; "
+                            "layer_stats takes float32, float64, bfloat16 or float16")
+        f = forget_grads[name]
+        _check_layer(name, p, f, "forget")
+        p_list.append(p.contiguous())
+        f_list.append(f.detach().contiguous())
+        if retain_grads is not None:
+            r = retain_grads[name]
+            _check_layer(name, p, r, "retain")
+            r_list.append(r.detach().contiguous())
+    devices = {t.device for t in p_list}
+    if len(devices) > 1:
+        raise SlugError(f"layer_stats takes tensors on one device, got {sorted(map(str, devices))}")
+    device = devices.pop() if devices else torch.device("cpu")
+    retain = r_list if retain_grads is not None else None
+
+    chosen = _backends.choose("layer_stats", device, backend)
+    if chosen == "torch" or not names:
+        sums = sums_reference(p_list, f_list, retain)
+    else:
+        sums = _backends.module(chosen).layer_sums(p_list, f_list, retain).cpu()
+    _check_finite(names, sums, retain is not None)
+
+    param_norm, forget_norm, retain_norm = sums[:, 0].sqrt(), sums[:, 1].sqrt(), sums[:, 2].sqrt()
+    dot = sums[:, 3]
+    usable = (param_norm > 0) & (forget_norm > 0)
+    importance = torch.where(usable, forget_norm / torch.where(usable, param_norm, 1.0), 0.0)
+    denom = forget_norm * retain_norm
+    alignment = torch.where(denom > 0, (dot.abs() / torch.where(denom > 0, denom, 1.0)).clamp(max=1.0), 0.0)
+    return LayerStats(names, param_norm, forget_norm, retain_norm, dot, importance, alignment, chosen)
+
+
+def _check_finite(names: list[str], sums: torch.Tensor, has_retain: bool) -> None:
+    bad = ~torch.isfinite(sums)
+    if not bool(bad.any()):
+        return
+    which = ("parameter", "forget gradient", "retain gradient", "retain gradient")
+    problems = []
+    for i, c in bad.nonzero().tolist():
+        if c == 3 and bad[i, 1:3].any():
+            continue
+        problems.append(f"{which[c]} of {names[i]!r}")
+    raise NonFiniteError("NaN or Inf in " + ", ".join(dict.fromkeys(problems)) +
+                         "; check the losses and the model's weights (gradients must be finite)")

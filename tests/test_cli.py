@@ -1,0 +1,70 @@
+"""The slug-fast command line: help, the demo job, machine-readable output, bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import slug_fast
+
+SCRIPT = Path(sys.executable).with_name("slug-fast")
+
+
+def run(*args, module=False):
+    cmd = [sys.executable, "-m", "slug_fast", *args] if module else [str(SCRIPT), *args]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.skipif(not SCRIPT.exists(), reason=f"console script not installed beside {sys.executable}")
+def test_help_from_the_console_script():
+    out = run("--help")
+    assert out.returncode == 0 and "demo" in out.stdout and "backends" in out.stdout
+
+
+def test_demo_writes_a_report_and_a_delta(tmp_path):
+    out = run("demo", "--forget", "4", "--out", str(tmp_path / "o"), "--epochs", "4", "--quiet", module=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report == json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["concept"] == "four" and report["forget"]["top1_after"] == 0.0
+    assert report["forget"]["top1_before"] > 50
+    assert set(report["forget"]) == {"top1_before", "top1_after", "top5_before", "top5_after"}
+    assert set(report["retain"]) == {"top1_before", "top1_after"}
+    assert {"gradients", "select", "search", "total"} <= set(report["seconds"])
+    tensors, config = slug_fast.load_delta(tmp_path / "o" / "delta")
+    assert list(tensors) == report["layer"] == config["layers"] and config["step"] == report["step"]
+
+
+def test_backends_reports_json():
+    out = run("backends", module=True)
+    info = json.loads(out.stdout)
+    assert out.returncode == 0 and set(info) == {"cpp", "triton", "torch"} and info["torch"]["available"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["demo", "--forget", "eleven"], "unknown digit 'eleven'; choose one of zero, one"),
+    (["demo", "--epochs", "0"], "expected a positive integer, got 0"),
+    (["demo", "--strategy", "fastest"], "invalid choice: 'fastest'"),
+    (["unlearn-everything"], "invalid choice"),
+    ([], "the following arguments are required: command"),
+])
+def test_bad_input_exits_2_with_one_line_and_touches_nothing(tmp_path, args, message):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "report.json").write_text("keep me")
+    out = run(*args, "--out", str(out_dir)) if args[:1] == ["demo"] else run(*args, module=True)
+    assert out.returncode == 2
+    assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr
+    assert [p.name for p in out_dir.iterdir()] == ["report.json"]
+    assert (out_dir / "report.json").read_text() == "keep me"
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    out = run("demo", "--out", str(target), "--epochs", "1", module=True)
+    assert out.returncode == 2 and "exists and is not a directory" in out.stderr
+    assert target.read_text() == "keep me"

@@ -1,0 +1,148 @@
+"""LayerEdit: bit-exact restore on every exit path, the committed value, nothing else touched."""
+import pytest
+import torch
+
+import slug_fast
+from slug_fast.edit import axpy, axpy_reference
+from slug_fast.errors import NonFiniteError, SlugError
+
+from conftest import available, device_for
+
+BACKENDS = available(["cpp", "triton", "torch"])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def snapshot(model):
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.element_size() == 1 else
+                                              a.contiguous().view(torch.int16 if a.element_size() == 2 else
+                                                                  torch.int32 if a.element_size() == 4 else torch.int64),
+                                              b.contiguous().view(torch.int16 if b.element_size() == 2 else
+                                                                  torch.int32 if b.element_size() == 4 else torch.int64))
+
+
+def model_of(dtype, gen, device="cpu"):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    return torch.nn.Sequential(torch.nn.Linear(33, 65), torch.nn.GELU(), torch.nn.Linear(65, 17)).to(device, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("direction_dtype", ["same", torch.float32])
+def test_update_matches_float64_oracle_and_reference_bits(backend, dtype, direction_dtype, gen):
+    dev = device_for(backend)
+    n = 70_001 if backend != "triton" or dev.type == "cuda" else 9_001
+    base = (torch.randn(n, generator=gen, dtype=torch.float64) * 4).to(dev, dtype)
+    ddt = dtype if direction_dtype == "same" else direction_dtype
+    d = torch.randn(n, generator=gen, dtype=torch.float64).to(dev, ddt)
+    d[:5] = 0
+    base[5:10] = 0
+    step = float(torch.rand((), generator=gen, dtype=torch.float64)) * 3 + 0.01
+    out = torch.empty_like(base)
+    used = axpy(out, base, d, step, backend=backend)
+    assert used == backend
+    ref = torch.empty_like(base)
+    axpy_reference(ref, base, d, step)
+    assert same_bits(out.cpu(), ref.cpu())  # every backend rounds exactly like the reference
+    # and the reference is right: within half an ulp of the output dtype plus float32 rounding
+    exact = base.double() + step * d.double()
+    eps = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float64: 2**-53}[dtype]
+    slack = 4 * 2**-24 * (base.double().abs() + step * d.double().abs()) if dtype != torch.float64 else 0
+    assert ((out.double() - exact).abs() <= eps * exact.abs() + slack + 1e-300).all()
+    assert torch.equal(out[:5], base[:5])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_update_in_place_on_base(backend, gen):
+    dev = device_for(backend)
+    base = torch.randn(5000, generator=gen).to(dev)
+    d = torch.randn(5000, generator=gen).to(dev)
+    expected = torch.empty_like(base)
+    axpy_reference(expected, base, d, 0.7)
+    axpy(base, base, d, 0.7, backend=backend)
+    assert torch.equal(base, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_restore_is_bit_exact_after_exception_and_interrupt(backend, dtype, gen):
+    dev = device_for(backend)
+    model = model_of(dtype, gen, dev)
+    before = snapshot(model)
+    dirs = {"0.weight": torch.randn(65, 33, generator=gen).to(dev, dtype),
+            "2.weight": torch.randn(17, 65, generator=gen).to(dev, dtype)}
+    for exc in (RuntimeError("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with slug_fast.LayerEdit(model, dirs, backend=backend) as edit:
+                edit.step(0.37)
+                edit.step(1e-3)
+                assert not same_bits(model[0].weight.detach(), before["0.weight"])
+                raise exc
+        after = snapshot(model)
+        assert all(same_bits(after[n], before[n]) for n in before)
+    with slug_fast.LayerEdit(model, dirs, backend=backend) as edit:
+        edit.step(5.0)
+    assert all(same_bits(snapshot(model)[n], before[n]) for n in before)  # no commit: restored
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_commit_keeps_the_step_and_only_edited_tensors_change(backend, gen):
+    dev = device_for(backend)
+    model = model_of(torch.float32, gen, dev)
+    before = snapshot(model)
+    d = torch.randn(65, 33, generator=gen).to(dev)
+    with slug_fast.LayerEdit(model, {"0.weight": d}, backend=backend) as edit:
+        edit.step(3.0)
+        edit.step(0.25)  # steps are not accumulated: the result is theta0 + 0.25 d
+        edit.commit()
+    after = snapshot(model)
+    expected = torch.empty_like(d)
+    axpy_reference(expected, before["0.weight"], d, 0.25)
+    assert torch.equal(after["0.weight"], expected)
+    assert torch.allclose(after["0.weight"], before["0.weight"] + 0.25 * d, atol=1e-6)
+    assert all(torch.equal(after[n], before[n]) for n in before if n != "0.weight")
+
+
+def test_bfloat16_steps_come_from_theta0_not_from_the_last_value(gen):
+    model = model_of(torch.bfloat16, gen)
+    before = snapshot(model)
+    d = torch.randn(65, 33, generator=gen)
+    with slug_fast.LayerEdit(model, {"0.weight": d}) as edit:
+        for s in (0.001, 0.002, 0.003, 0.004):
+            edit.step(s)
+        edit.commit()
+    expected = (before["0.weight"].float() + torch.tensor(0.004) * d).bfloat16()
+    assert torch.equal(model[0].weight.detach(), expected)
+
+
+def test_edit_keeps_autograd_working(gen):
+    model = model_of(torch.float32, gen)
+    d = torch.randn(65, 33, generator=gen)
+    with slug_fast.LayerEdit(model, {"0.weight": d}) as edit:
+        edit.step(0.1)
+        edit.commit()
+    model(torch.randn(2, 33)).sum().backward()
+    assert model[0].weight.grad is not None
+
+
+def test_bad_directions_are_refused_and_nothing_changes(gen):
+    model = model_of(torch.float32, gen)
+    before = snapshot(model)
+    with pytest.raises(SlugError, match="parameter '0.weigth' not found; closest: 0.weight"):
+        slug_fast.LayerEdit(model, {"0.weigth": torch.zeros(65, 33)})
+    with pytest.raises(SlugError, match=r"shape \(33, 65\); the parameter has shape \(65, 33\)"):
+        slug_fast.LayerEdit(model, {"0.weight": torch.zeros(33, 65)})
+    with pytest.raises(NonFiniteError, match="'0.weight' holds NaN"):
+        slug_fast.LayerEdit(model, {"0.weight": torch.full((65, 33), float("nan"))})
+    with pytest.raises(SlugError, match="at least one"):
+        slug_fast.LayerEdit(model, {})
+    edit = slug_fast.LayerEdit(model, {"0.weight": torch.ones(65, 33)})
+    with pytest.raises(SlugError, match="inside its `with` block"):
+        edit.step(1.0)
+    with edit:
+        with pytest.raises(SlugError, match="step must be finite"):
+            edit.step(float("inf"))
+    assert all(torch.equal(snapshot(model)[n], before[n]) for n in before)

@@ -1,0 +1,156 @@
+"""layer_stats on every backend against an independent numpy float64 oracle."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import slug_fast
+from slug_fast.errors import NonFiniteError, SlugError
+from slug_fast.stats import SUM_RTOL
+
+from conftest import available, device_for
+
+BACKENDS = available(["cpp", "triton", "torch"])
+
+
+def oracle(p, f, r):
+    """Exact-as-float64 sums and the derived statistics, in numpy."""
+    p, f, r = (t.detach().cpu().double().numpy().ravel() for t in (p, f, r))
+    tt, ff, rr, fr = (p * p).sum(), (f * f).sum(), (r * r).sum(), (f * r).sum()
+    abs_fr = np.abs(f * r).sum()
+    pn, fn, rn = math.sqrt(tt), math.sqrt(ff), math.sqrt(rr)
+    imp = fn / pn if pn > 0 and fn > 0 else 0.0
+    ali = abs(fr) / (fn * rn) if fn > 0 and rn > 0 else 0.0
+    return dict(tt=tt, ff=ff, rr=rr, fr=fr, abs_fr=abs_fr, imp=imp, ali=ali)
+
+
+def make_layer(shape, dtype, gen, zero=None):
+    p = torch.randn(shape, generator=gen) * torch.rand((), generator=gen) * 3
+    f = torch.randn(shape, generator=gen) * 1e-2
+    r = 0.5 * f + torch.randn(shape, generator=gen) * 1e-2  # correlated with g_f
+    if zero == "forget":
+        f = torch.zeros(shape)
+    if zero == "retain":
+        r = torch.zeros(shape)
+    return p.to(dtype), f.to(dtype), r.to(dtype)
+
+
+def check(stats, layers, backend):
+    rtol = SUM_RTOL[backend]
+    for i, (name, (p, f, r)) in enumerate(layers.items()):
+        assert stats.names[i] == name
+        o = oracle(p, f, r)
+        assert stats.param_norm[i].item() ** 2 == pytest.approx(o["tt"], rel=rtol, abs=1e-300)
+        assert stats.forget_norm[i].item() ** 2 == pytest.approx(o["ff"], rel=rtol, abs=1e-300)
+        assert stats.retain_norm[i].item() ** 2 == pytest.approx(o["rr"], rel=rtol, abs=1e-300)
+        assert abs(stats.dot[i].item() - o["fr"]) <= rtol * o["abs_fr"] + 1e-300
+        assert stats.importance[i].item() == pytest.approx(o["imp"], rel=2 * rtol, abs=1e-300)
+        # alignment error follows the dot's, relative to sum|f*r| / (|f||r|) <= 1
+        bound = 2 * rtol * (o["abs_fr"] / math.sqrt(o["ff"] * o["rr"]) if o["ff"] and o["rr"] else 1)
+        assert abs(stats.alignment[i].item() - o["ali"]) <= bound + 1e-12
+    for col in ("param_norm", "forget_norm", "retain_norm", "dot", "importance", "alignment"):
+        assert getattr(stats, col).dtype == torch.float64
+        assert getattr(stats, col).shape == (len(layers),)
+
+
+SHAPES = [(1,), (7,), (513,), (33, 17), (3, 5, 7), (2, 3, 4, 5), (64, 3, 3, 3), (1031, 1031)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_shapes_and_dtypes_match_float64_oracle(backend, dtype, gen):
+    dev = device_for(backend)
+    shapes = SHAPES if backend != "triton" or dev.type == "cuda" else SHAPES[:-1] + [(300, 301)]
+    layers = {f"l{i}.weight": tuple(t.to(dev) for t in make_layer(s, dtype, gen)) for i, s in enumerate(shapes)}
+    stats = slug_fast.layer_stats({n: v[0] for n, v in layers.items()}, {n: v[1] for n, v in layers.items()},
+                                  {n: v[2] for n, v in layers.items()}, backend=backend)
+    assert stats.backend == backend
+    check(stats, layers, backend)
+
+
+@pytest.mark.parametrize("backend", available(["cpp", "torch"]))
+def test_over_a_million_elements_float32(backend, gen):
+    layers = {"big": make_layer((1200, 1001), torch.float32, gen), "small": make_layer((3,), torch.float32, gen)}
+    stats = slug_fast.layer_stats({n: v[0] for n, v in layers.items()}, {n: v[1] for n, v in layers.items()},
+                                  {n: v[2] for n, v in layers.items()}, backend=backend)
+    check(stats, layers, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_layers_mixed_dtypes_and_zero_gradients(backend, gen):
+    dev = device_for(backend)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    layers = {}
+    for i in range(320):
+        shape = tuple(int(x) for x in torch.randint(1, 9, (int(torch.randint(1, 5, (1,), generator=gen)),),
+                                                    generator=gen))
+        zero = {0: "forget", 1: "retain"}.get(i % 7)
+        layers[f"block.{i}.w"] = tuple(t.to(dev) for t in make_layer(shape, dtypes[i % 4], gen, zero))
+    stats = slug_fast.layer_stats({n: v[0] for n, v in layers.items()}, {n: v[1] for n, v in layers.items()},
+                                  {n: v[2] for n, v in layers.items()}, backend=backend)
+    check(stats, layers, backend)
+    zero_forget = [i for i in range(320) if i % 7 == 0]
+    assert (stats.importance[zero_forget] == 0).all() and (stats.alignment[zero_forget] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_retain_gradients(backend, gen):
+    dev = device_for(backend)
+    p, f, _ = (t.to(dev) for t in make_layer((40, 9), torch.float32, gen))
+    stats = slug_fast.layer_stats({"w": p}, {"w": f}, backend=backend)
+    o = oracle(p, f, torch.zeros_like(f))
+    assert stats.importance[0].item() == pytest.approx(o["imp"], rel=1e-5)
+    assert stats.retain_norm[0].item() == 0 and stats.alignment[0].item() == 0
+
+
+@pytest.mark.parametrize("backend", available(["cpp", "triton"]))
+def test_backends_agree_run_to_run_bit_identical(backend, gen):
+    dev = device_for(backend)
+    layers = {f"l{i}": tuple(t.to(dev) for t in make_layer((257, 129), torch.float32, gen)) for i in range(3)}
+    args = ({n: v[0] for n, v in layers.items()}, {n: v[1] for n, v in layers.items()},
+            {n: v[2] for n, v in layers.items()})
+    a = slug_fast.layer_stats(*args, backend=backend)
+    b = slug_fast.layer_stats(*args, backend=backend)
+    assert torch.equal(a.dot, b.dot) and torch.equal(a.param_norm, b.param_norm)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["param", "forget", "retain"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_input_is_refused_naming_the_layer(backend, where, bad, gen):
+    dev = device_for(backend)
+    p, f, r = (t.to(dev) for t in make_layer((50,), torch.float32, gen))
+    {"param": p, "forget": f, "retain": r}[where][17] = bad
+    ok = tuple(t.to(dev) for t in make_layer((5,), torch.float32, gen))
+    with pytest.raises(NonFiniteError, match=r"'enc\.bad'"):
+        slug_fast.layer_stats({"ok": ok[0], "enc.bad": p}, {"ok": ok[1], "enc.bad": f},
+                              {"ok": ok[2], "enc.bad": r}, backend=backend)
+
+
+def test_bad_inputs_name_what_is_wrong():
+    p, f = torch.ones(3, 4), torch.ones(3, 4)
+    with pytest.raises(SlugError, match=r"'w' has shape \(4, 3\); the parameter has shape \(3, 4\)"):
+        slug_fast.layer_stats({"w": p}, {"w": torch.ones(4, 3)})
+    with pytest.raises(SlugError, match="dtype torch.float16; it must match the parameter's dtype torch.float32"):
+        slug_fast.layer_stats({"w": p}, {"w": f}, {"w": f.half()})
+    with pytest.raises(SlugError, match="parameter 'wx' not found; closest: w"):
+        slug_fast.layer_stats({"w": p}, {"wx": f})
+    with pytest.raises(SlugError, match="same layers"):
+        slug_fast.layer_stats({"w": p, "v": p}, {"w": f}, {"v": f})
+    with pytest.raises(SlugError, match="takes float32, float64, bfloat16 or float16"):
+        slug_fast.layer_stats({"w": p.int()}, {"w": f.int()})
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        slug_fast.layer_stats({"w": p}, {"w": f}, backend="cuda")
+
+
+def test_empty_input_gives_empty_stats():
+    stats = slug_fast.layer_stats({}, {})
+    assert stats.names == [] and stats.importance.shape == (0,)
+
+
+def test_non_contiguous_gradients_are_handled(gen):
+    p, f, r = make_layer((30, 20), torch.float32, gen)
+    stats = slug_fast.layer_stats({"w": p.T}, {"w": f.T}, {"w": r.T})
+    o = oracle(p, f, r)
+    assert stats.dot[0].item() == pytest.approx(o["fr"], abs=1e-5 * o["abs_fr"])

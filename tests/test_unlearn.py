@@ -1,0 +1,169 @@
+"""unlearn end to end on a tiny open_clip model (the digits mini-CLIP), deltas and bad input."""
+import json
+
+import pytest
+import torch
+
+import slug_fast
+from slug_fast import digits
+from slug_fast.demo import accuracies, pair_batches
+from slug_fast.errors import CriterionNotReached, DeltaError, SlugError
+from slug_fast.losses import clip_embeddings
+
+FORGET = 3
+
+
+def sets(data, label, seed=0):
+    is_f = data.train_labels == label
+    forget = pair_batches(data.train_images[is_f], data.train_labels[is_f], 32, seed)
+    retain = pair_batches(data.train_images[~is_f], data.train_labels[~is_f], 64, seed + 1)
+    return forget, retain
+
+
+def pair_cosine(model, batches):
+    with torch.no_grad():
+        return torch.cat([(i * t).sum(-1) for i, t in (clip_embeddings(model, b) for b in batches)]).mean().item()
+
+
+def criterion_for(data, label):
+    def criterion(model):
+        acc = accuracies(model, data, label)
+        return acc["forget_top1"] == 0.0, {**acc, "utility": acc["retain_top1"]}
+    return criterion
+
+
+def params_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_unlearn_forgets_keeps_and_round_trips_its_delta(digits_model, digits_trained, tmp_path):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    original = params_of(digits_model)
+    before = accuracies(digits_model, data, FORGET)
+    assert before["forget_top1"] > 50  # the short training run did learn the digit
+    cos_f, cos_r = pair_cosine(digits_model, forget), pair_cosine(digits_model, retain)
+
+    result = slug_fast.unlearn(digits_model, forget, retain, criterion_for(data, FORGET), progress=False)
+
+    after = accuracies(digits_model, data, FORGET)
+    assert after["forget_top1"] == 0.0
+    assert after["retain_top1"] >= before["retain_top1"] - 15
+    drop_f = cos_f - pair_cosine(digits_model, forget)
+    drop_r = cos_r - pair_cosine(digits_model, retain)
+    assert drop_f > 0.05 and abs(drop_r) < 0.5 * drop_f  # forget pairs move apart, retain pairs barely
+    edited = params_of(digits_model)
+    changed = [n for n in original if not torch.equal(original[n], edited[n])]
+    assert changed == result.layers and len(changed) == 1
+    assert set(result.layers) <= set(sum(result.fronts.values(), []))
+    assert result.trace and result.trace[-1].seconds >= 0 and result.stats.backend in ("cpp", "torch")
+    assert set(result.seconds) == {"gradients", "select", "search", "total"}
+    json.dumps(result.to_dict(with_stats=True))  # JSON-ready
+
+    path = result.save(tmp_path / "delta")
+    fresh = digits.build_model(0)
+    fresh.load_state_dict(digits_trained[0])
+    assert slug_fast.apply_delta(fresh, path) == result.layers
+    assert all(torch.equal(p.detach(), edited[n]) for n, p in fresh.named_parameters())
+    with pytest.raises(DeltaError, match="not the tensor this delta was computed on"):
+        slug_fast.apply_delta(fresh, path)  # applying twice is caught
+
+
+def test_apply_false_leaves_the_model_and_deltas_compose(digits_model, digits_trained, tmp_path):
+    data = digits_trained[1]
+    original = params_of(digits_model)
+    paths, results = [], []
+    for label in (FORGET, 7):
+        forget, retain = sets(data, label)
+        res = slug_fast.unlearn(digits_model, forget, retain, criterion_for(data, label), apply=False,
+                                progress=False)
+        assert all(torch.equal(p.detach(), original[n]) for n, p in digits_model.named_parameters())
+        results.append(res)
+        paths.append(res.save(tmp_path / f"delta{label}"))
+    for path in paths:
+        slug_fast.apply_delta(digits_model, path, verify_base=False)
+    expected = {n: t.double().clone() for n, t in original.items()}
+    for res in results:
+        for n, d in res.delta.items():
+            expected[n] += d.double()
+    for n, p in digits_model.named_parameters():
+        assert torch.allclose(p.detach().double(), expected[n], atol=1e-6), n
+    acc = {label: accuracies(digits_model, data, label)["forget_top1"] for label in (FORGET, 7)}
+    assert acc[FORGET] < 50 and acc[7] < 50
+
+
+def test_deepest_strategy_picks_the_deepest_front_layer(digits_model, digits_trained):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    res = slug_fast.unlearn(digits_model, forget, retain, criterion_for(data, FORGET), strategy="deepest",
+                            tower="vision", apply=False, progress=False)
+    front = res.fronts["vision"]
+    order = [n for n, _ in digits_model.named_parameters()]
+    assert res.layers == [max(front, key=order.index)]
+    assert list(res.fronts) == ["vision"] and len(res.candidates) == 1
+
+
+def test_criterion_that_never_holds_changes_nothing(digits_model, digits_trained):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    original = params_of(digits_model)
+    with pytest.raises(CriterionNotReached, match="never held within 3 evaluations") as err:
+        slug_fast.unlearn(digits_model, forget, retain, lambda m: False, max_evals=3, progress=False)
+    assert err.value.searches and all(len(s.trace) == 3 for s in err.value.searches)
+    assert all(torch.equal(p.detach(), original[n]) for n, p in digits_model.named_parameters())
+
+
+def test_bad_input_is_refused_before_anything_changes(digits_model, digits_trained):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    original = params_of(digits_model)
+    crit = criterion_for(data, FORGET)
+    with pytest.raises(SlugError, match="the forget set is empty"):
+        slug_fast.unlearn(digits_model, [], retain, crit, progress=False)
+    with pytest.raises(SlugError, match="parameter 'visual.prj' not found; closest: visual.proj"):
+        slug_fast.unlearn(digits_model, forget, retain, crit, params=["visual.prj"], progress=False)
+    with pytest.raises(SlugError, match="tower rule for 'audio' matches no eligible parameter"):
+        slug_fast.unlearn(digits_model, forget, retain, crit, towers={"audio": "audio."}, progress=False)
+    with pytest.raises(SlugError, match="tower 'audio' not found"):
+        slug_fast.unlearn(digits_model, forget, retain, crit, tower="audio", progress=False)
+    with pytest.raises(SlugError, match="strategy must be one of"):
+        slug_fast.unlearn(digits_model, forget, retain, crit, strategy="fastest", progress=False)
+    assert all(torch.equal(p.detach(), original[n]) for n, p in digits_model.named_parameters())
+
+
+def test_corrupt_or_mismatched_deltas_are_refused(digits_model, digits_trained, tmp_path):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    res = slug_fast.unlearn(digits_model, forget, retain, criterion_for(data, FORGET), apply=False, progress=False)
+    good = res.save(tmp_path / "good")
+    original = params_of(digits_model)
+
+    def refused(path, match, model=digits_model, **kw):
+        with pytest.raises(DeltaError, match=match):
+            slug_fast.apply_delta(model, path, **kw)
+
+    corrupt = res.save(tmp_path / "corrupt")
+    (corrupt / "delta.safetensors").write_bytes(b"\x00garbage" * 10)
+    refused(corrupt, "not a readable safetensors file")
+    bad_json = res.save(tmp_path / "badjson")
+    (bad_json / "delta_config.json").write_text("{not json")
+    refused(bad_json, "not valid JSON")
+    refused(tmp_path / "missing", "is not a slug_fast delta")
+    other = digits.build_model(1)  # same shapes, other weights
+    refused(good, "not the tensor this delta was computed on", model=other)
+    assert slug_fast.apply_delta(other, good, verify_base=False) == res.layers
+    cfg = json.loads((good / "delta_config.json").read_text())
+    name = res.layers[0]
+    cfg["tensors"][name]["shape"] = [1, 2]
+    wrong_shape = tmp_path / "shape"
+    wrong_shape.mkdir()
+    (wrong_shape / "delta_config.json").write_text(json.dumps(cfg))
+    (wrong_shape / "delta.safetensors").write_bytes((good / "delta.safetensors").read_bytes())
+    refused(wrong_shape, "has shape")
+    half = digits.build_model(0).half()
+    refused(good, "made for dtype float32", model=half)
+    refused(good, "not found", model=torch.nn.Linear(2, 2))
+    assert all(torch.equal(p.detach(), original[n]) for n, p in digits_model.named_parameters())
+    with pytest.raises(DeltaError, match="is not a directory"):
+        res.save(good / "delta.safetensors")
+    assert slug_fast.load_delta(good)[1]["layers"] == res.layers
