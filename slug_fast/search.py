@@ -49,7 +49,10 @@ def criterion_result(out) -> tuple[bool, dict]:
         if len(out) != 2 or not isinstance(out[1], dict):
             raise SlugError("a criterion returns a bool or a (bool, metrics dict) pair, "
                             f"got a tuple of {len(out)} items")
-        return bool(out[0]), dict(out[1])
+        # 0-d tensors and numpy scalars become plain numbers, so reports stay JSON
+        metrics = {k: v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v
+                   for k, v in out[1].items()}
+        return bool(out[0]), metrics
     if hasattr(out, "__bool__") and not isinstance(out, (list, dict, str)):
         return bool(out), {}
     raise SlugError(f"a criterion returns a bool or a (bool, metrics dict) pair, got {type(out).__name__}")

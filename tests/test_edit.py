@@ -17,11 +17,8 @@ def snapshot(model):
 
 
 def same_bits(a, b):
-    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.element_size() == 1 else
-                                              a.contiguous().view(torch.int16 if a.element_size() == 2 else
-                                                                  torch.int32 if a.element_size() == 4 else torch.int64),
-                                              b.contiguous().view(torch.int16 if b.element_size() == 2 else
-                                                                  torch.int32 if b.element_size() == 4 else torch.int64))
+    """Bit-for-bit equality (unlike ==, tells -0.0 from 0.0 and compares NaN payloads)."""
+    return a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
 def model_of(dtype, gen, device="cpu"):

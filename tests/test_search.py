@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import torch
 
 from slug_fast.errors import SlugError
 from slug_fast.search import criterion_result, search_step, start_step
@@ -69,6 +70,8 @@ def test_bad_arguments():
 def test_criterion_results_are_normalised():
     assert criterion_result(True) == (True, {})
     assert criterion_result((0, {"acc": 1.0})) == (False, {"acc": 1.0})
+    ok, metrics = criterion_result((torch.tensor(True), {"acc": torch.tensor(0.5), "v": [1]}))
+    assert ok is True and metrics == {"acc": 0.5, "v": [1]} and type(metrics["acc"]) is float
     with pytest.raises(SlugError, match="bool or a"):
         criterion_result("yes")
     with pytest.raises(SlugError, match="tuple of 3"):

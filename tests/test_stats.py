@@ -69,9 +69,11 @@ def test_shapes_and_dtypes_match_float64_oracle(backend, dtype, gen):
     check(stats, layers, backend)
 
 
-@pytest.mark.parametrize("backend", available(["cpp", "torch"]))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_over_a_million_elements_float32(backend, gen):
-    layers = {"big": make_layer((1200, 1001), torch.float32, gen), "small": make_layer((3,), torch.float32, gen)}
+    dev = device_for(backend)
+    layers = {n: tuple(t.to(dev) for t in make_layer(shape, torch.float32, gen))
+              for n, shape in (("big", (1200, 1001)), ("small", (3,)))}
     stats = slug_fast.layer_stats({n: v[0] for n, v in layers.items()}, {n: v[1] for n, v in layers.items()},
                                   {n: v[2] for n, v in layers.items()}, backend=backend)
     check(stats, layers, backend)
