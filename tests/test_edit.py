@@ -22,8 +22,13 @@ def same_bits(a, b):
 
 
 def model_of(dtype, gen, device="cpu"):
+    """A small MLP whose weights use every bit of `dtype` (not float32 values cast up)."""
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    return torch.nn.Sequential(torch.nn.Linear(33, 65), torch.nn.GELU(), torch.nn.Linear(65, 17)).to(device, dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(33, 65), torch.nn.GELU(), torch.nn.Linear(65, 17)).to(device, dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / 7)
+    return model
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
