@@ -89,7 +89,8 @@ def compute_gradients(model: torch.nn.Module, forget_batches: Iterable, retain_b
         for m, mode in modes.items():
             m.training = mode
     # backward visits layers from the output back; never-reached ones count as shallowest
-    order = [n for n in names if n not in set(depth_order)] + depth_order[::-1]
+    reached = set(depth_order)
+    order = [n for n in names if n not in reached] + depth_order[::-1]
     return Gradients(forget, retain, order, n_f, n_r)
 
 
