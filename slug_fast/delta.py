@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapters.base import named_parameters_of
 from .edit import LayerEdit
 from .errors import DeltaError, unknown_name
 from .files import write_atomic, write_json_atomic
@@ -85,15 +86,16 @@ def load_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, config
 
 
-def apply_delta(model: torch.nn.Module, path: str | os.PathLike, verify_base: bool = True) -> list[str]:
+def apply_delta(model, path: str | os.PathLike, verify_base: bool = True) -> list[str]:
     """Add a saved delta to `model`'s parameters in place; returns the names changed.
 
+    `model` is an nn.Module or a diffusers pipeline (names "component.parameter").
     Checks every name, shape and dtype (and, with `verify_base`, that each tensor
     still holds the original bytes the delta was computed on) before changing
     anything; on any error the model is untouched.
     """
     tensors, config = load_delta(path)
-    named = dict(model.named_parameters())
+    named = named_parameters_of(model)
     directions = {}
     for name, delta in tensors.items():
         if name not in named:
@@ -112,7 +114,7 @@ def apply_delta(model: torch.nn.Module, path: str | os.PathLike, verify_base: bo
                              "differ: another edit or another checkpoint?); pass verify_base=False to "
                              "apply it anyway")
         directions[name] = delta.to(p.device)
-    with LayerEdit(model, directions) as edit:
+    with LayerEdit(named, directions) as edit:
         edit.step(1.0)
         edit.commit()
     return list(directions)

@@ -32,6 +32,7 @@ def axpy(out: torch.Tensor, base: torch.Tensor, direction: torch.Tensor, step: f
 class LayerEdit:
     """Context manager that edits `directions`' parameters in place, transactionally.
 
+    `model` is an nn.Module, or a mapping name -> tensor for tensors of several modules.
     `step(lam)` sets theta = theta0 + lam * d (in float32 from theta0, cast to the
     parameter's dtype; never accumulated step over step); `commit()` keeps the
     current value. Leaving the block without commit, by any path, restores theta0
@@ -43,9 +44,9 @@ class LayerEdit:
                 edit.commit()
     """
 
-    def __init__(self, model: torch.nn.Module, directions: Mapping[str, torch.Tensor],
-                 backend: str = "auto"):
-        named = dict(model.named_parameters())
+    def __init__(self, model: torch.nn.Module | Mapping[str, torch.Tensor],
+                 directions: Mapping[str, torch.Tensor], backend: str = "auto"):
+        named = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else dict(model)
         if not directions:
             raise SlugError("LayerEdit needs at least one {parameter name: direction}")
         self._params: dict[str, torch.nn.Parameter] = {}

@@ -16,7 +16,10 @@ NameRule = str | re.Pattern | Callable[[str], bool]
 DEFAULT_EXCLUDE = ("bias", "logit_scale", "position", "embedding", "norm", "ln_")
 
 OPEN_CLIP_TOWERS: dict[str, NameRule] = {"vision": "visual.", "text": lambda n: not n.startswith("visual.")}
-HF_CLIP_TOWERS: dict[str, NameRule] = {"vision": "vision_model.", "text": "text_model."}
+HF_CLIP_TOWERS: dict[str, NameRule] = {
+    "vision": lambda n: n.startswith(("vision_model.", "visual_projection.")),
+    "text": lambda n: n.startswith(("text_model.", "text_projection.")),
+}
 
 
 def pareto_front(alignment, importance, backend: str = "auto") -> list[int]:

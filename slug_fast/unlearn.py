@@ -9,20 +9,21 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from .adapters import Adapter, GenericAdapter, detect_adapter, get_adapter
 from .delta import save_delta, tensor_spec
 from .edit import LayerEdit
 from .errors import CriterionNotReached, SlugError
 from .gradients import Loss, compute_gradients
-from .losses import clip_forget_loss, clip_retain_loss
 from .pareto import NameRule, deepest, default_towers, group_of, is_eligible, pareto_front, split_towers
 from .search import Evaluation, SearchResult, criterion_result, search_step, start_step
 from .stats import LayerStats, layer_stats
 
 log = logging.getLogger("slug_fast")
 
-Criterion = Callable[[torch.nn.Module], "bool | tuple[bool, dict]"]
+Criterion = Callable[[object], "bool | tuple[bool, dict]"]
 STRATEGIES = ("best", "deepest")
 
 
@@ -82,17 +83,21 @@ class UnlearnResult:
         return save_delta(path, self.delta, self.specs, meta)
 
 
-def unlearn(model: torch.nn.Module, forget: Iterable, retain: Iterable, criterion: Criterion, *,
-            forget_loss: Loss = clip_forget_loss, retain_loss: Loss = clip_retain_loss,
-            params: Sequence[str] | None = None, towers: Mapping[str, NameRule] | None = None,
-            tower: str | Sequence[str] | None = None, strategy: str = "best",
-            eligible: Callable[[str, Sequence[int]], bool] = is_eligible, group: bool = True,
-            max_evals: int = 10, utility: Callable[[torch.nn.Module], float] | None = None,
-            apply: bool = True, progress: bool | None = None, backend: str = "auto") -> UnlearnResult:
+def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
+            adapter: str | Adapter | None = None, forget_loss: Loss | None = None,
+            retain_loss: Loss | None = None, params: Sequence[str] | None = None,
+            towers: Mapping[str, NameRule] | None = None, tower: str | Sequence[str] | None = None,
+            strategy: str = "best", eligible: Callable[[str, Sequence[int]], bool] = is_eligible,
+            group: bool | None = None, max_evals: int = 10,
+            utility: Callable[[object], float] | None = None, apply: bool = True,
+            progress: bool | None = None, backend: str = "auto", **adapter_options) -> UnlearnResult:
     """Unlearn with SLUG: edit one layer (or one HF q/k/v or fc1/fc2 group) once along g_f.
 
-    forget, retain: iterables of batches for `forget_loss(model, batch)` and
-    `retain_loss(model, batch)` (CLIP losses on (images, tokens) by default).
+    model: an open_clip or Hugging Face CLIP model, a diffusers Stable Diffusion pipeline,
+    a LLaVA model (the adapter is picked from its type, or named with `adapter=`, options
+    such as clip_model= or tokenizer= go to it), or any nn.Module with forget_loss= and
+    retain_loss= (`loss(module, batch) -> scalar tensor`).
+    forget, retain: iterables of batches in the adapter's format (adapter.make_batches).
     criterion(model) -> bool or (bool, metrics): whether the concept is forgotten.
     strategy: "best" searches every front layer and keeps the one that meets the
     criterion with the highest `utility(model)` (or metrics["utility"]; else the
@@ -105,21 +110,28 @@ def unlearn(model: torch.nn.Module, forget: Iterable, retain: Iterable, criterio
         raise SlugError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if retain is None:
         raise SlugError("SLUG needs a retain set: pass retain batches (generic data to keep)")
+    if adapter is None and detect_adapter(model) is None and not isinstance(model, Adapter):
+        ad = GenericAdapter(model) if isinstance(model, nn.Module) and forget_loss and retain_loss \
+            else get_adapter(model)  # raises, naming what to pass
+    else:
+        ad = get_adapter(model, adapter, **adapter_options)
     times = {}
     t0 = time.perf_counter()
-    grads = compute_gradients(model, forget, retain, forget_loss, retain_loss, params=params,
-                              progress=progress)
+    grads = compute_gradients(ad.target, forget, retain, forget_loss or ad.forget_loss,
+                              retain_loss or ad.retain_loss,
+                              params=params if params is not None else ad.param_names(), progress=progress)
     t1 = time.perf_counter()
     times["gradients"] = t1 - t0
 
-    named = dict(model.named_parameters())
+    named = dict(ad.target.named_parameters())
     stats = layer_stats({n: named[n] for n in grads.names}, grads.forget, grads.retain, backend)
     imp = stats.importance
     usable = [n for i, n in enumerate(stats.names) if eligible(n, tuple(named[n].shape)) and imp[i] > 0]
     if not usable:
         raise SlugError("no eligible layer has a nonzero forget gradient; eligible layers have >= 2 dims "
                         "and none of bias/norm/embedding/position/logit_scale in their names")
-    tower_names = split_towers(usable, towers if towers is not None else default_towers(usable))
+    rules = towers if towers is not None else (ad.towers or default_towers(usable))
+    tower_names = split_towers(usable, rules)
     if tower is not None:
         wanted = [tower] if isinstance(tower, str) else list(tower)
         for t in wanted:
@@ -132,11 +144,12 @@ def unlearn(model: torch.nn.Module, forget: Iterable, retain: Iterable, criterio
         front = pareto_front(stats.alignment[idx], stats.importance[idx], backend=backend)
         fronts[t] = [members[i] for i in front]
 
+    grouped = ad.group if group is None else group
     picks: list[tuple[str, list[str]]] = []
     for t, front in fronts.items():
         chosen = front if strategy == "best" else [deepest(front, grads.depth_order)]
         for name in chosen:
-            layers = group_of(name, usable) if group else [name]
+            layers = group_of(name, usable) if grouped else [name]
             if all(layers != p[1] for p in picks):
                 picks.append((t, layers))
     directions_of = {n: grads.forget[n] for _, layers in picks for n in layers}
@@ -147,7 +160,7 @@ def unlearn(model: torch.nn.Module, forget: Iterable, retain: Iterable, criterio
     candidates = []
     for t, layers in tqdm(picks, desc="step search", disable=None if progress is None else not progress,
                           leave=False):
-        candidates.append(_search_layer(model, t, layers, directions_of, stats, criterion, utility,
+        candidates.append(_search_layer(ad, t, layers, directions_of, stats, criterion, utility,
                                         max_evals, backend))
     t3 = time.perf_counter()
     times["search"] = t3 - t2
@@ -164,18 +177,29 @@ def unlearn(model: torch.nn.Module, forget: Iterable, retain: Iterable, criterio
     else:
         best = min(reached, key=lambda c: c.relative_change)
 
-    specs = {n: tensor_spec(named[n]) for n in best.layers}
-    delta = {n: _scaled(directions_of[n], best.search.step, named[n].dtype) for n in best.layers}
+    targets = ad.edit_params(best.layers)
+    scaled = {n: _scaled(directions_of[n], best.search.step, named[n].dtype) for n in best.layers}
+    user_keys = [ad.delta_name(n) for n in best.layers]
+    specs = {k: tensor_spec(targets[k][0]) for k in user_keys}
+    delta = {k: scaled[n].cpu() for k, (_, n) in targets.items() if k in user_keys}
     edit_backend = "torch"
     if apply:
-        with LayerEdit(model, delta, backend) as edit:
+        params, moves = _edit_inputs(targets, scaled)
+        with LayerEdit(params, moves, backend) as edit:
             edit.step(1.0)  # theta0 + delta: exactly what apply_delta reproduces
             edit.commit()
         edit_backend = edit.used_backend
     times["total"] = time.perf_counter() - t0
     return UnlearnResult(best.layers, best.tower, best.search.step, best.relative_change, best.search.trace,
                          candidates, fronts, stats, times, delta, specs, apply,
-                         {"stats": stats.backend, "edit": edit_backend})
+                         {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name})
+
+
+def _edit_inputs(targets: Mapping[str, tuple], directions: Mapping[str, torch.Tensor]):
+    """(key -> tensor, key -> direction on that tensor's device) for a LayerEdit over mirrors too."""
+    params = {k: p for k, (p, _) in targets.items()}
+    moves = {k: directions[n].to(p.device) for k, (p, n) in targets.items()}
+    return params, moves
 
 
 def _scaled(direction: torch.Tensor, step: float, dtype: torch.dtype) -> torch.Tensor:
@@ -184,13 +208,15 @@ def _scaled(direction: torch.Tensor, step: float, dtype: torch.dtype) -> torch.T
     return torch.tensor(step, dtype=compute, device=direction.device) * direction.to(compute)
 
 
-def _search_layer(model, tower, layers, directions_of, stats, criterion, utility, max_evals, backend):
+def _search_layer(ad, tower, layers, directions_of, stats, criterion, utility, max_evals, backend):
     rows = [stats.index(n) for n in layers]
     theta_norm = math.sqrt(float((stats.param_norm[rows] ** 2).sum()))
     grad_norm = math.sqrt(float((stats.forget_norm[rows] ** 2).sum()))
     start = start_step(theta_norm, grad_norm)
+    model = ad.model
 
-    with LayerEdit(model, {n: directions_of[n] for n in layers}, backend) as edit:
+    params, moves = _edit_inputs(ad.edit_params(layers), directions_of)
+    with LayerEdit(params, moves, backend) as edit:
         def evaluate(step: float) -> tuple[bool, dict]:
             edit.step(step)
             return criterion_result(criterion(model))
