@@ -12,7 +12,7 @@ import torch
 
 from . import digits
 from .errors import SlugError
-from .files import write_json_atomic
+from .report import write_outputs
 from .unlearn import unlearn
 
 DEFAULT_CONCEPT = "seven"
@@ -89,7 +89,5 @@ def run_demo(concept: str = DEFAULT_CONCEPT, out: str | Path | None = None, *, e
         "unlearn": result.to_dict(),
     }
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        result.save(out / "delta")
-        write_json_atomic(out / "report.json", report)
+        report["files"] = write_outputs(out, report, result)
     return report

@@ -55,6 +55,7 @@ class UnlearnResult:
     trace: list[Evaluation]
     candidates: list[Candidate]
     fronts: dict[str, list[str]]
+    tower_members: dict[str, list[str]]  # eligible layers of each tower searched
     stats: LayerStats
     seconds: dict[str, float]
     delta: dict[str, torch.Tensor] = field(repr=False)
@@ -191,7 +192,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
         edit_backend = edit.used_backend
     times["total"] = time.perf_counter() - t0
     return UnlearnResult(best.layers, best.tower, best.search.step, best.relative_change, best.search.trace,
-                         candidates, fronts, stats, times, delta, specs, apply,
+                         candidates, fronts, tower_names, stats, times, delta, specs, apply,
                          {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name})
 
 

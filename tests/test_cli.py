@@ -29,6 +29,10 @@ def test_demo_writes_a_report_and_a_delta(tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report == json.loads((tmp_path / "o" / "report.json").read_text())
+    written = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert written == ["delta", "pareto_text.png", "pareto_vision.png", "report.json", "report.md"]
+    assert (tmp_path / "o" / "pareto_vision.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| forget top1 |" in (tmp_path / "o" / "report.md").read_text()
     assert report["concept"] == "four" and report["forget"]["top1_after"] == 0.0
     assert report["forget"]["top1_before"] > 50
     assert set(report["forget"]) == {"top1_before", "top1_after", "top5_before", "top5_after"}

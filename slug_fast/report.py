@@ -1,0 +1,110 @@
+"""Reports of an unlearning run: Pareto plots per tower (like the paper's figures) and report.md."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .files import write_atomic
+from .stats import LayerStats
+
+
+def plot_pareto(stats: LayerStats, members: list[str], front: list[str], chosen: list[str],
+                path: str | Path, title: str) -> Path:
+    """Log-log scatter of importance vs alignment for a tower's layers; front and choice labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = [stats.index(n) for n in members]
+    a, m = stats.alignment[idx].tolist(), stats.importance[idx].tolist()
+    floor = min([v for v in a if v > 0] or [1e-12]) / 10  # log axes: show alignment 0 at a floor
+    a = [v if v > 0 else floor for v in a]
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    ax.scatter(a, m, s=14, c="#9aa5b1", label="layers")
+    on_front = [i for i, n in enumerate(members) if n in front]
+    ax.scatter([a[i] for i in on_front], [m[i] for i in on_front], s=30, c="#d1495b", label="Pareto front")
+    order = sorted(on_front, key=lambda i: a[i])
+    ax.plot([a[i] for i in order], [m[i] for i in order], c="#d1495b", lw=1)
+    for i in on_front:
+        name = members[i]
+        ax.annotate(_short(name), (a[i], m[i]), fontsize=6, xytext=(3, 3), textcoords="offset points",
+                    weight="bold" if name in chosen else "normal")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("gradient alignment |cos(g_forget, g_retain)|")
+    ax.set_ylabel("layer importance ||g_forget|| / ||theta||")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path
+
+
+def _short(name: str) -> str:
+    """A layer name without the parts every layer shares (for plot labels)."""
+    for prefix in ("visual.transformer.resblocks.", "transformer.resblocks.", "vision_model.encoder.layers.",
+                   "text_model.encoder.layers."):
+        if name.startswith(prefix):
+            return name[len(prefix):].removesuffix(".weight")
+    return name.removesuffix(".weight")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def markdown(report: dict) -> str:
+    """report.md: what was unlearned, where, the before/after table and the search trace."""
+    lines = [f"# Unlearning report: {report.get('concept', '?')}", ""]
+    lines += [f"- layer(s): {', '.join(f'`{n}`' for n in report['layer'])}",
+              f"- step: {_fmt(report['step'])}",
+              f"- seconds: " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["seconds"].items()), ""]
+    rows = [(group, key.removesuffix("_before"), values[key], values.get(key.replace("_before", "_after")))
+            for group, values in report.items() if isinstance(values, dict) and group in ("forget", "retain", "mia")
+            for key in values if key.endswith("_before")]
+    if rows:
+        lines += ["| metric | before | after |", "|---|---|---|"]
+        lines += [f"| {g} {k} | {_fmt(b)} | {_fmt(a)} |" for g, k, b, a in rows]
+        lines.append("")
+    trace = report.get("unlearn", {}).get("trace", [])
+    if trace:
+        keys = sorted({k for e in trace for k in e["metrics"]})
+        lines += ["## Step search (chosen layer)", "",
+                  "| step | criterion met | " + " | ".join(keys) + " | seconds |",
+                  "|---|---|" + "---|" * len(keys) + "---|"]
+        lines += [f"| {_fmt(e['step'])} | {'yes' if e['satisfied'] else 'no'} | "
+                  + " | ".join(_fmt(e["metrics"].get(k, "")) for k in keys) + f" | {_fmt(e['seconds'])} |"
+                  for e in trace]
+        lines.append("")
+    cands = report.get("unlearn", {}).get("candidates", [])
+    if cands:
+        lines += ["## Front layers searched", "", "| layer(s) | tower | step | relative change | utility |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {', '.join(c['layers'])} | {c['tower']} | {_fmt(c['step']) if c['reached'] else 'not reached'}"
+                  f" | {_fmt(c['relative_change']) if c['reached'] else '-'} | {_fmt(c['utility'])} |"
+                  for c in cands]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_outputs(out: str | Path, report: dict, result) -> dict[str, str]:
+    """Write delta/, report.json, report.md and pareto_<tower>.png into `out`; returns what went where."""
+    from .files import write_json_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"delta": str(result.save(out / "delta"))}
+    for tower, front in result.fronts.items():
+        members = [n for n in result.stats.names if n in result.tower_members.get(tower, ())]
+        path = plot_pareto(result.stats, members, front, result.layers, out / f"pareto_{tower}.png",
+                           f"{report.get('concept', '')}: {tower} tower".strip(": "))
+        files[f"pareto_{tower}"] = str(path)
+    files["report_md"] = str(write_atomic(out / "report.md", lambda tmp: Path(tmp).write_text(markdown(report))))
+    report = {**report, "files": files}
+    files["report_json"] = str(write_json_atomic(out / "report.json", report))
+    return files
