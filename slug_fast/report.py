@@ -105,6 +105,6 @@ def write_outputs(out: str | Path, report: dict, result) -> dict[str, str]:
                            f"{report.get('concept', '')}: {tower} tower".strip(": "))
         files[f"pareto_{tower}"] = str(path)
     files["report_md"] = str(write_atomic(out / "report.md", lambda tmp: Path(tmp).write_text(markdown(report))))
-    report = {**report, "files": files}
-    files["report_json"] = str(write_json_atomic(out / "report.json", report))
+    files["report_json"] = str(out / "report.json")
+    write_json_atomic(out / "report.json", {**report, "files": files})
     return files
