@@ -37,6 +37,8 @@ class DigitsData:
     test_images: torch.Tensor
     train_labels: torch.Tensor
     test_labels: torch.Tensor
+    pixel_mean: float = 0.0  # of the train split's pixels scaled to [0, 1]; images are (x - mean) / std
+    pixel_std: float = 1.0
 
 
 def load_digits_data(seed: int = 0, test_fraction: float = 0.3) -> DigitsData:
@@ -53,7 +55,24 @@ def load_digits_data(seed: int = 0, test_fraction: float = 0.3) -> DigitsData:
         return t[:, None].repeat(1, 3, 1, 1).contiguous()
 
     return DigitsData(prep(x_tr), prep(x_te), torch.as_tensor(y_tr, dtype=torch.int64),
-                      torch.as_tensor(y_te, dtype=torch.int64))
+                      torch.as_tensor(y_te, dtype=torch.int64), mean, std)
+
+
+def open_clip_config(data: DigitsData) -> dict:
+    """open_clip "local-dir" config (model_cfg + preprocess_cfg) of the mini-CLIP, so that
+    `open_clip.create_model_and_transforms("local-dir:DIR")` rebuilds it with a PIL pipeline."""
+    return {"model_cfg": {"embed_dim": EMBED_DIM, "vision_cfg": dict(VISION_CFG), "text_cfg": dict(TEXT_CFG)},
+            "preprocess_cfg": {"size": VISION_CFG["image_size"], "mean": [data.pixel_mean] * 3,
+                               "std": [data.pixel_std] * 3, "interpolation": "bilinear",
+                               "resize_mode": "shortest"}}
+
+
+def to_pil(image: torch.Tensor, data: DigitsData):
+    """A normalised (3, 8, 8) digit image back to an 8-bit grayscale PIL image."""
+    from PIL import Image
+
+    pixels = (image[0] * data.pixel_std + data.pixel_mean).clamp(0, 1)
+    return Image.fromarray((pixels * 255).round().to(torch.uint8).numpy(), mode="L")
 
 
 def build_model(seed: int = 0) -> open_clip.model.CLIP:

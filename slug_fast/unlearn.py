@@ -46,9 +46,15 @@ class Candidate:
 
 @dataclass
 class UnlearnResult:
-    """What `unlearn` chose and measured; `save(path)` writes the delta."""
+    """What `unlearn` chose and measured; `save(path)` writes the delta.
+
+    `layers` are names in the module SLUG differentiated (the stats' names); `edited`
+    are the names in the user's object that the delta changes (the same for a plain
+    model; the pipeline's or the VLM's names when the adapter differentiates a CLIP model).
+    """
 
     layers: list[str]
+    edited: list[str]
     tower: str
     step: float
     relative_change: float
@@ -66,7 +72,7 @@ class UnlearnResult:
     def to_dict(self, with_stats: bool = False) -> dict:
         """A JSON-ready summary (the full per-layer table with `with_stats`)."""
         out = {
-            "layers": self.layers, "tower": self.tower, "step": self.step,
+            "layers": self.layers, "edited": self.edited, "tower": self.tower, "step": self.step,
             "relative_change": self.relative_change, "applied": self.applied,
             "trace": [{"step": e.step, "satisfied": e.satisfied, "metrics": e.metrics,
                        "seconds": e.seconds} for e in self.trace],
@@ -79,8 +85,8 @@ class UnlearnResult:
 
     def save(self, path: str | os.PathLike):
         """Write the delta (only the changed tensors) and its config to directory `path`."""
-        meta = {"method": "slug", "layers": self.layers, "tower": self.tower, "step": self.step,
-                "relative_change": self.relative_change}
+        meta = {"method": "slug", "layers": self.edited, "target_layers": self.layers, "tower": self.tower,
+                "step": self.step, "relative_change": self.relative_change}
         return save_delta(path, self.delta, self.specs, meta)
 
 
@@ -191,7 +197,8 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
             edit.commit()
         edit_backend = edit.used_backend
     times["total"] = time.perf_counter() - t0
-    return UnlearnResult(best.layers, best.tower, best.search.step, best.relative_change, best.search.trace,
+    return UnlearnResult(best.layers, user_keys, best.tower, best.search.step, best.relative_change,
+                         best.search.trace,
                          candidates, fronts, tower_names, stats, times, delta, specs, apply,
                          {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name})
 

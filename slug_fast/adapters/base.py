@@ -10,6 +10,11 @@ from ..errors import SlugError
 from ..pareto import NameRule, matches
 
 
+# edit_params key prefix of a mirror in a companion CLIP model; ":" never occurs in a parameter
+# name, so such keys never collide with the user-object names that deltas record.
+MIRROR_PREFIX = "clip_model:"
+
+
 def named_parameters_of(obj) -> dict[str, nn.Parameter]:
     """Parameters of a module, of a diffusers pipeline ("component.name") or of an adapter's model."""
     if isinstance(obj, Adapter):
@@ -63,7 +68,8 @@ class Adapter:
     def edit_params(self, names: Sequence[str]) -> dict[str, tuple[nn.Parameter, str]]:
         """key -> (tensor to edit, the target parameter whose direction it takes), mirrors included.
 
-        Keys of user-object tensors are their `delta_name`s.
+        Keys of user-object tensors are their `delta_name`s; other mirrors are keyed
+        MIRROR_PREFIX + name.
         """
         target = dict(self.target.named_parameters())
         return {self.delta_name(n): (target[n], n) for n in names}

@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import SlugError
-from .base import Adapter
+from .base import MIRROR_PREFIX, Adapter
 from .clip import ClipFamilyAdapter
 from .hf_clip import HFClipAdapter
 
@@ -163,7 +163,7 @@ class StableDiffusionAdapter(Adapter):
         for n in names:
             mirror = pipe[self._pipe_name(n)]
             if mirror is not clip[n]:  # a pipeline built on clip_model.text_model shares the tensor
-                out[f"clip_model:{n}"] = (clip[n], n)  # ':' keeps it apart from every delta name
+                out[MIRROR_PREFIX + n] = (clip[n], n)
             out[self.delta_name(n)] = (mirror, n)
         return out
 
