@@ -198,8 +198,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
         edit_backend = edit.used_backend
     times["total"] = time.perf_counter() - t0
     return UnlearnResult(best.layers, user_keys, best.tower, best.search.step, best.relative_change,
-                         best.search.trace,
-                         candidates, fronts, tower_names, stats, times, delta, specs, apply,
+                         best.search.trace, candidates, fronts, tower_names, stats, times, delta, specs, apply,
                          {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name})
 
 
