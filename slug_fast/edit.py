@@ -110,6 +110,7 @@ class LayerEdit:
         with torch.no_grad():
             for name, p in self._params.items():
                 p.data.copy_(self._theta0[name])
+                torch.autograd.graph.increment_version(p)  # caches keyed on versions see the restore
         self.current_step = 0.0
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -1,0 +1,18 @@
+"""Evaluation of CLIP-family models through an adapter: the paper's metrics.
+
+- zero_shot: identity accuracy of a concept among N names (forget / others), zero-shot
+  accuracy on a labelled test set, and a ready criterion for slug_fast.unlearn.
+- mia: membership inference (forget vs held-out, by loss and by image-text distance).
+- similarity: image-text cosine matrix, before/after numbers, a PNG plot.
+"""
+from .mia import MIAResult, SampleScores, clip_membership_inference, clip_sample_scores, membership_inference
+from .similarity import plot_similarity, similarity_change, similarity_matrix
+from .zero_shot import (IDENTITY_TEMPLATES, OBJECT_TEMPLATES, TowerCache, ZeroShotClassifier, concept_accuracy,
+                        concept_criterion, encode_images, encode_texts, zero_shot_accuracy)
+
+__all__ = [
+    "IDENTITY_TEMPLATES", "MIAResult", "OBJECT_TEMPLATES", "SampleScores", "TowerCache", "ZeroShotClassifier",
+    "clip_membership_inference", "clip_sample_scores", "concept_accuracy", "concept_criterion", "encode_images",
+    "encode_texts", "membership_inference", "plot_similarity", "similarity_change", "similarity_matrix",
+    "zero_shot_accuracy",
+]

@@ -1,0 +1,216 @@
+"""Reading (image, caption) pairs: WebDataset shards, image folders, lists; the concept split."""
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slug_fast.data import (Pairs, concept_pattern, pairs_from, read_image_folder, read_webdataset,
+                            split_by_concept)
+from slug_fast.errors import SlugError
+
+
+def random_image(rng, size=(12, 10)):
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+def encoded(image, fmt):
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return buf.getvalue()
+
+
+def write_tar(path, members):
+    """A tar with members [(name, bytes)], in order (as img2dataset writes them)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(int(torch.randint(0, 2**31, ()).item()))
+
+
+def test_webdataset_reads_every_format_and_skips_what_does_not_decode(tmp_path, rng):
+    png, webp, jpg = random_image(rng), random_image(rng), random_image(rng)
+    good_jpeg = encoded(jpg, "JPEG")
+    members = [
+        ("000000000.png", encoded(png, "PNG")), ("000000000.txt", "A photo of Ann.".encode()),
+        ("000000000.json", b'{"caption": "ignored: the txt wins"}'),
+        ("000000001.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg at all"), ("000000001.txt", b"corrupt"),
+        ("000000002.webp", encoded(webp, "WEBP")), ("000000002.json", b'{"caption": " Zo\xc3\xab at work "}'),
+        ("000000003.jpg", good_jpeg[:len(good_jpeg) // 2]), ("000000003.txt", b"truncated"),
+        ("000000004.jpg", good_jpeg), ("000000004.txt", b"no image problem here"),
+        ("000000005.jpg", good_jpeg),  # no caption
+        ("000000006.txt", b"caption without an image"),
+    ]
+    shard = write_tar(tmp_path / "00000.tar", members)
+    pairs = read_webdataset(shard)
+    assert isinstance(pairs, Pairs) and len(pairs) == 3
+    assert pairs.captions == ["A photo of Ann.", "Zoë at work", "no image problem here"]
+    assert all(im.mode == "RGB" for im, _ in pairs)
+    assert np.array_equal(np.asarray(pairs[0][0]), np.asarray(png))  # lossless formats round-trip exactly
+    assert np.array_equal(np.asarray(pairs[1][0]), np.asarray(webp))
+    assert pairs[2][0].size == jpg.size
+    assert pairs.undecodable == 2
+    assert {s.key for s in pairs.skipped if s.kind == "undecodable"} == {"00000.tar:000000001.jpg",
+                                                                           "00000.tar:000000003.jpg"}
+    assert pairs.skip_counts() == {"undecodable": 2, "incomplete": 2}
+
+
+def test_webdataset_brace_patterns_directories_and_limit(tmp_path, rng):
+    for shard in range(2):
+        write_tar(tmp_path / f"part-{shard:05d}.tar",
+                  [m for i in range(3) for m in ((f"{i:04d}.png", encoded(random_image(rng), "PNG")),
+                                                 (f"{i:04d}.txt", f"shard {shard} item {i}".encode()))])
+    expected = [f"shard {s} item {i}" for s in range(2) for i in range(3)]
+    assert read_webdataset(str(tmp_path / "part-{00000..00001}.tar")).captions == expected
+    assert read_webdataset(tmp_path).captions == expected
+    assert read_webdataset([tmp_path / "part-00001.tar"]).captions == expected[3:]
+    assert read_webdataset(str(tmp_path / "part-{00000..00001}.tar"), limit=4).captions == expected[:4]
+
+
+def test_webdataset_bad_input_is_a_clear_error(tmp_path, rng):
+    empty = write_tar(tmp_path / "empty.tar", [])
+    with pytest.raises(SlugError, match="empty.tar holds no samples"):
+        read_webdataset(empty)
+    broken = write_tar(tmp_path / "broken.tar", [("0.jpg", b"garbage"), ("0.txt", b"x"),
+                                                 ("1.png", b"more garbage"), ("1.txt", b"y")])
+    with pytest.raises(SlugError, match="broken.tar: no usable pair, everything was skipped \\(2 undecodable; "
+                                        "e.g. broken.tar:0.jpg: undecodable image"):
+        read_webdataset(broken)
+    write_tar(tmp_path / "some-00001.tar", [])
+    with pytest.raises(SlugError, match=r"2 of 3 shards not found \(from .*\): .*some-00000.tar, .*some-00002.tar"):
+        read_webdataset(str(tmp_path / "some-{00000..00002}.tar"))
+    with pytest.raises(SlugError, match="not a local file"):
+        read_webdataset("https://example.com/shard-00000.tar")
+    (tmp_path / "notatar.tar").write_bytes(b"\x00\x01 definitely not a tar archive" * 40)
+    with pytest.raises(SlugError, match="no usable pair, everything was skipped \\(1 unreadable; e.g. .*notatar.tar: "
+                                        "not a readable WebDataset tar file"):
+        read_webdataset(tmp_path / "notatar.tar")
+    (tmp_path / "none").mkdir()
+    with pytest.raises(SlugError, match="holds no .tar shards"):
+        read_webdataset(tmp_path / "none")
+
+
+def test_a_truncated_shard_keeps_what_it_yielded_and_the_run_goes_on(tmp_path, rng):
+    members = [m for i in range(6) for m in ((f"{i:04d}.png", encoded(random_image(rng, (64, 64)), "PNG")),
+                                             (f"{i:04d}.txt", f"item {i}".encode()))]
+    whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
+    (tmp_path / "a-cut.tar").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "b-whole.tar").write_bytes(whole)
+    pairs = read_webdataset(str(tmp_path / "{a-cut,b-whole}.tar"))
+    cut = pairs.captions[:len(pairs) - 6]
+    assert 0 < len(cut) < 6 and cut == [f"item {i}" for i in range(len(cut))]
+    assert pairs.captions[len(cut):] == [f"item {i}" for i in range(6)]
+    assert [(s.key, s.kind) for s in pairs.skipped] == [(str(tmp_path / "a-cut.tar"), "unreadable")]
+
+
+def test_image_folder_reads_its_captions_file(tmp_path, rng):
+    (tmp_path / "sub").mkdir()
+    a, b = random_image(rng), random_image(rng)
+    a.save(tmp_path / "a.png")
+    b.save(tmp_path / "sub" / "b.png")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff not really")
+    (tmp_path / "captions.tsv").write_text(
+        "filename\tcaption\n"
+        "# a comment\n"
+        "a.png\tAnn\twith a tab inside the caption\n"
+        "\n"
+        "bad.jpg\tundecodable\n"
+        "gone.png\tlisted but missing\n"
+        "sub/b.png\t  Elon Musk on stage  \n"
+        "a.png\t\n", encoding="utf-8")
+    pairs = read_image_folder(tmp_path)
+    assert pairs.captions == ["Ann\twith a tab inside the caption", "Elon Musk on stage"]
+    assert np.array_equal(np.asarray(pairs[0][0]), np.asarray(a))
+    assert np.array_equal(np.asarray(pairs[1][0]), np.asarray(b))
+    assert pairs.undecodable == 1
+    assert [(s.key, s.kind) for s in pairs.skipped] == [("bad.jpg", "undecodable"), ("gone.png", "missing"),
+                                                        ("a.png", "incomplete")]
+    assert read_image_folder(tmp_path, limit=1).captions == pairs.captions[:1]
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(SlugError, match="captions file .*captions.tsv not found; write one line per image"):
+        read_image_folder(tmp_path)
+    (tmp_path / "captions.tsv").write_text("# nothing yet\n\n")
+    with pytest.raises(SlugError, match="holds no samples"):
+        read_image_folder(tmp_path)
+    (tmp_path / "captions.tsv").write_text("a.png\tfine\nb.png no tab here\n")
+    with pytest.raises(SlugError, match=r"captions.tsv:2: expected 'filename<TAB>caption'"):
+        read_image_folder(tmp_path)
+    with pytest.raises(SlugError, match="is not a directory"):
+        read_image_folder(tmp_path / "captions.tsv")
+
+
+def test_pairs_feed_an_adapter(rng):
+    import open_clip
+
+    from slug_fast import digits
+    from slug_fast.adapters import get_adapter
+
+    images = [random_image(rng, (16, 16)) for _ in range(5)]
+    pairs = pairs_from([(im, f"the digit {digits.DIGIT_NAMES[i]}") for i, im in enumerate(images)])
+    preprocess = open_clip.image_transform(8, is_train=False)
+    adapter = get_adapter(digits.build_model(0), tokenizer=digits.tokenizer(), preprocess=preprocess)
+    batches = adapter.make_batches(pairs, 2)
+    assert [tuple(p.shape) for p, _ in batches] == [(2, 3, 8, 8), (2, 3, 8, 8), (1, 3, 8, 8)]
+    assert torch.equal(batches[2][1], digits.tokenize(["the digit four"]))
+    with pytest.raises(SlugError, match="item 1: the caption is 3"):
+        pairs_from([(images[0], "ok"), (images[1], 3)])
+    with pytest.raises(SlugError, match="item 0: the image is str"):
+        pairs_from([("image.jpg", "caption")])
+    with pytest.raises(SlugError, match="the pair list holds no samples"):
+        pairs_from([])
+
+
+CAPTIONS = {  # caption -> mentions "Ann" (by hand)
+    "Ann at the beach": True,
+    "a photo of ann.": True,
+    "ANN's new dog": True,
+    "(Ann) and friends": True,
+    "ann,bob and carl": True,
+    "Annual report 2020": False,
+    "Joanne smiling": False,
+    "Anna and Hanna": False,
+    "planning a banner": False,
+    "Ann_Smith_01.jpg": False,  # an underscore joins words
+}
+
+
+def test_split_by_concept_matches_whole_words_in_any_case():
+    image = torch.zeros(3, 2, 2)
+    pairs = [(image, c) for c in CAPTIONS]
+    forget, retain = split_by_concept(pairs, "Ann")
+    assert forget.captions == [c for c, hit in CAPTIONS.items() if hit]
+    assert retain.captions == [c for c, hit in CAPTIONS.items() if not hit]
+
+    musk = {"Elon Musk on stage": True, "photo of elon\nmusk!": True, "ELON  MUSK, 2019": True,
+            "Musk ox in the snow": False, "Elon Muskrat": False, "Elon's car": False, "elon-musk": False}
+    forget, retain = split_by_concept([(image, c) for c in musk], "Elon Musk")
+    assert forget.captions == [c for c, hit in musk.items() if hit]
+    aliases = split_by_concept([(image, c) for c in musk], ["Elon Musk", "Musk"]).forget.captions
+    assert aliases == ["Elon Musk on stage", "photo of elon\nmusk!", "ELON  MUSK, 2019", "Musk ox in the snow",
+                       "elon-musk"]
+    assert concept_pattern("C++").search("I write C++ daily") and not concept_pattern("C++").search("C++17")
+    assert concept_pattern(".NET").search("built on .NET.") and not concept_pattern(".NET").search("x.NET")
+
+
+def test_split_by_concept_errors():
+    image = torch.zeros(3, 2, 2)
+    pairs = [(image, "Annual report"), (image, "Joanne smiling")]
+    with pytest.raises(SlugError, match="mentions 'Ann' as a whole word .*only inside other words, e.g. 'Annual"):
+        split_by_concept(pairs, "Ann")
+    with pytest.raises(SlugError, match="no caption among 2 pairs .*mentions 'Zed'"):
+        split_by_concept(pairs, "Zed")
+    with pytest.raises(SlugError, match="every one of the 2 captions mentions 'Joanne' / 'Annual'"):
+        split_by_concept(pairs, ["Joanne", "Annual"])
+    with pytest.raises(SlugError, match="concept must be a non-empty name"):
+        split_by_concept(pairs, "  ")

@@ -1,0 +1,359 @@
+"""Evaluation: zero-shot accuracy and its cache, membership inference, similarity matrix and plot."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from slug_fast import LayerEdit, digits
+from slug_fast.adapters import get_adapter
+from slug_fast.adapters.clip import ClipFamilyAdapter
+from slug_fast.errors import SlugError
+from slug_fast.eval import (ZeroShotClassifier, clip_membership_inference, clip_sample_scores, concept_accuracy,
+                            concept_criterion, membership_inference, plot_similarity, similarity_change,
+                            similarity_matrix, zero_shot_accuracy)
+
+NAMES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+# Two templates whose embeddings differ in norm (2x and 1x) and lean opposite ways on an extra axis:
+# the mean of the normalised embeddings is exactly the class axis, the plain mean is not.
+TEMPLATES = {"a photo of {}.": (2.0, 1.0), "{}, drawn.": (1.0, -1.0)}
+DIM = len(NAMES) + 1
+
+
+class StubClip(nn.Module):
+    """Identity towers over hand-set inputs: a text is one class axis plus a template lean."""
+
+    def __init__(self):
+        super().__init__()
+        self.visual = nn.Linear(DIM, DIM, bias=False)
+        self.text_proj = nn.Linear(DIM, DIM, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        with torch.no_grad():
+            self.visual.weight.copy_(torch.eye(DIM))
+            self.text_proj.weight.copy_(torch.eye(DIM))
+
+
+def text_input(text):
+    """The stub's 'tokens' of a filled template (independent of the code under test)."""
+    for template, (scale, lean) in TEMPLATES.items():
+        for c, name in enumerate(NAMES):
+            if template.format(name) == text:
+                v = torch.zeros(DIM)
+                v[c], v[-1] = 1.0, lean
+                return scale * v
+    raise AssertionError(f"unexpected prompt {text!r}")
+
+
+class StubAdapter(ClipFamilyAdapter):
+    name = "stub"
+    towers = {"vision": "visual.", "text": "text_proj."}
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.texts_encoded = 0
+        self.images_encoded = 0
+
+    def encode_pixels(self, module, pixels):
+        self.images_encoded += len(pixels)
+        return module.visual(pixels)
+
+    def encode_tokens(self, module, tokens):
+        self.texts_encoded += len(tokens)
+        return module.text_proj(tokens)
+
+    def log_logit_scale(self, module):
+        return module.logit_scale
+
+    def split(self, batch):
+        return batch
+
+    def join(self, pixels, tokens):
+        return pixels, tokens
+
+    def pixels(self, images):
+        return torch.stack(list(images))
+
+    def tokens(self, texts):
+        return torch.stack([text_input(t) for t in texts])
+
+
+def images_with_ranks(labels, ranks, gen):
+    """Image vectors whose true class is the ranks[i]-th most similar (0 = best), with distinct similarities."""
+    out = torch.zeros(len(labels), DIM)
+    for i, (y, r) in enumerate(zip(labels.tolist(), ranks.tolist())):
+        values = torch.linspace(2.0, 1.0, len(NAMES))  # distinct, descending
+        others = [c for c in torch.randperm(len(NAMES), generator=gen).tolist() if c != y]
+        order = others[:r] + [y] + others[r:]
+        out[i, order] = values
+    return out
+
+
+def test_zero_shot_accuracy_is_the_known_answer(gen):
+    n = 300
+    labels = torch.randint(len(NAMES), (n,), generator=gen)
+    ranks = torch.randint(len(NAMES), (n,), generator=gen)
+    images = images_with_ranks(labels, ranks, gen)
+    adapter = StubAdapter(StubClip())
+    classifier = ZeroShotClassifier(adapter, NAMES, list(TEMPLATES))
+    torch.testing.assert_close(classifier.weights(), torch.eye(DIM)[:len(NAMES)], atol=1e-6, rtol=0)
+    acc = classifier.accuracy(images, labels, topk=(1, 5))
+    assert acc["top1"] == pytest.approx(100 * (ranks == 0).double().mean().item(), abs=1e-9)
+    assert acc["top5"] == pytest.approx(100 * (ranks < 5).double().mean().item(), abs=1e-9)
+    by_name = zero_shot_accuracy(adapter, list(images), [NAMES[y] for y in labels.tolist()], NAMES,
+                                 list(TEMPLATES), topk=(1, 5), batch_size=7)
+    assert by_name == pytest.approx(acc)
+
+    concept = 3
+    res = concept_accuracy(adapter, images, labels, NAMES, NAMES[concept], list(TEMPLATES), topk=(1, 5))
+    mine = labels == concept
+    assert res["n_forget"] == int(mine.sum()) and res["n_others"] == n - int(mine.sum())
+    assert res["forget_top1"] == pytest.approx(100 * (ranks[mine] == 0).double().mean().item())
+    assert res["forget_top5"] == pytest.approx(100 * (ranks[mine] < 5).double().mean().item())
+    per_class = [100 * (ranks[labels == c] == 0).double().mean().item() for c in range(len(NAMES))
+                 if c != concept and (labels == c).any()]
+    assert res["others_top1"] == pytest.approx(sum(per_class) / len(per_class))
+
+
+def test_zero_shot_bad_input():
+    adapter = StubAdapter(StubClip())
+    with pytest.raises(SlugError, match="needs a '{}' where the class name goes"):
+        ZeroShotClassifier(adapter, NAMES, ["a photo"])
+    with pytest.raises(SlugError, match="repeats \\['alpha'\\]"):
+        ZeroShotClassifier(adapter, ("alpha", "alpha"), list(TEMPLATES))
+    with pytest.raises(SlugError, match="needs a CLIP-family adapter"):
+        ZeroShotClassifier(digits.build_model(0), NAMES)
+    classifier = ZeroShotClassifier(adapter, NAMES, list(TEMPLATES))
+    images = torch.eye(DIM)[:3]
+    with pytest.raises(SlugError, match="topk \\(1, 9\\) must be between 1 and the number of classes \\(8\\)"):
+        classifier.accuracy(images, [0, 1, 2], topk=(1, 9))
+    with pytest.raises(SlugError, match="class 'alfa' not found; closest: alpha"):
+        classifier.accuracy(images, ["alfa", "bravo", "echo"])
+    with pytest.raises(SlugError, match="3 images but 2 labels"):
+        classifier.accuracy(images, [0, 1])
+    with pytest.raises(SlugError, match="no image is labelled 'hotel'"):
+        classifier.concept_accuracy(images, [0, 1, 2], "hotel")
+
+
+def test_class_weights_are_cached_until_the_text_tower_changes(gen):
+    model = StubClip()
+    adapter = StubAdapter(model)
+    classifier = ZeroShotClassifier(adapter, NAMES, list(TEMPLATES))
+    prompts = len(NAMES) * len(TEMPLATES)
+    first = classifier.weights().clone()
+    classifier.weights()
+    assert adapter.texts_encoded == prompts and classifier.encodes == 1
+
+    with LayerEdit(model, {"visual.weight": torch.randn(DIM, DIM, generator=gen)}) as edit:
+        edit.step(0.5)
+        classifier.weights()
+        assert adapter.texts_encoded == prompts  # a vision edit leaves the prompts alone
+
+    direction = torch.randn(DIM, DIM, generator=gen)
+    with LayerEdit(model, {"text_proj.weight": direction}) as edit:
+        edit.step(0.5)
+        edited = classifier.weights()
+        assert adapter.texts_encoded == 2 * prompts
+        # brute force, float64: mean of the normalised edited embeddings, renormalised
+        w = torch.eye(DIM, dtype=torch.float64) + 0.5 * direction.double()
+        expected = torch.stack([F.normalize(torch.stack([F.normalize(w @ text_input(t.format(c)).double(), dim=0)
+                                                         for t in TEMPLATES]).mean(0), dim=0) for c in NAMES])
+        torch.testing.assert_close(edited.double(), expected, atol=1e-5, rtol=0)
+        assert not torch.allclose(edited, first, atol=1e-3)
+        edit.commit()
+    classifier.weights()
+    assert adapter.texts_encoded == 2 * prompts
+
+
+def test_cache_on_a_real_open_clip_model_follows_layer_edits(gen):
+    model = digits.build_model(0).eval()
+    adapter = get_adapter(model, tokenizer=digits.tokenizer())
+    data = digits.load_digits_data(0)
+    classifier = ZeroShotClassifier(adapter, digits.DIGIT_NAMES, digits.TEMPLATES)
+
+    def brute_force():
+        with torch.no_grad():
+            texts = [t.format(n) for n in digits.DIGIT_NAMES for t in digits.TEMPLATES]
+            emb = F.normalize(model.encode_text(digits.tokenize(texts)).double(), dim=-1)
+            return F.normalize(emb.view(len(digits.DIGIT_NAMES), len(digits.TEMPLATES), -1).mean(1), dim=-1)
+
+    torch.testing.assert_close(classifier.weights().double(), brute_force(), atol=1e-5, rtol=0)
+    for k in (1, 3):  # slug_fast.digits' own zero-shot evaluation is the oracle
+        got = classifier.accuracy(data.test_images, data.test_labels, topk=(k,))[f"top{k}"]
+        assert got == pytest.approx(digits.zero_shot_accuracy(model, data.test_images, data.test_labels, k), abs=1e-4)
+    assert classifier.encodes == 1
+    params = dict(model.named_parameters())
+    for name, reencoded in (("visual.proj", False), ("text_projection", True)):
+        before = classifier.encodes
+        with LayerEdit(model, {name: torch.randn(params[name].shape, generator=gen)}) as edit:
+            edit.step(0.3)
+            torch.testing.assert_close(classifier.weights().double(), brute_force(), atol=1e-5, rtol=0)
+            assert classifier.encodes == before + reencoded
+
+
+def test_cache_sees_a_layer_edit_restore(gen):
+    model = StubClip()
+    classifier = ZeroShotClassifier(StubAdapter(model), NAMES, list(TEMPLATES))
+    original = classifier.weights().clone()
+    with LayerEdit(model, {"text_proj.weight": torch.randn(DIM, DIM, generator=gen)}) as edit:
+        edit.step(1.0)
+        classifier.weights()
+    torch.testing.assert_close(classifier.weights(), original)  # the model is back to its original weights
+
+
+def test_concept_criterion_reencodes_only_the_edited_tower(gen):
+    n = 120
+    labels = torch.arange(n) % len(NAMES)
+    concept = 2
+    ranks = torch.where(labels == concept, torch.randint(5, len(NAMES), (n,), generator=gen),
+                        torch.randint(0, 3, (n,), generator=gen))
+    model = StubClip()
+    adapter = StubAdapter(model)
+    criterion = concept_criterion(adapter, images_with_ranks(labels, ranks, gen), labels, NAMES, NAMES[concept],
+                                  list(TEMPLATES), k=5)
+    forgotten, metrics = criterion(model)
+    assert forgotten and metrics["forget_top5"] == 0.0 and metrics["forget_top1"] == 0.0
+    others = [100 * (ranks[labels == c] == 0).double().mean().item() for c in range(len(NAMES)) if c != concept]
+    assert metrics["utility"] == pytest.approx(sum(others) / len(others))
+    assert (adapter.images_encoded, adapter.texts_encoded) == (n, len(NAMES) * len(TEMPLATES))
+    criterion(model)
+    assert (adapter.images_encoded, adapter.texts_encoded) == (n, len(NAMES) * len(TEMPLATES))
+    with LayerEdit(model, {"visual.weight": torch.randn(DIM, DIM, generator=gen)}) as edit:
+        edit.step(0.1)
+        criterion(model)
+        assert (adapter.images_encoded, adapter.texts_encoded) == (2 * n, len(NAMES) * len(TEMPLATES))
+        edit.commit()
+    with LayerEdit(model, {"text_proj.weight": torch.randn(DIM, DIM, generator=gen)}) as edit:
+        edit.step(0.1)
+        criterion(model)
+        assert (adapter.images_encoded, adapter.texts_encoded) == (2 * n, 2 * len(NAMES) * len(TEMPLATES))
+        edit.commit()
+    not_yet = concept_criterion(adapter, torch.eye(DIM)[:2], [concept, 0], NAMES, concept, list(TEMPLATES),
+                                utility=lambda m: 42.0)
+    forgotten, metrics = not_yet(model)
+    assert metrics["utility"] == 42.0 and forgotten == (metrics["forget_top5"] == 0.0)
+
+
+def phi(x):
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def test_membership_inference_known_answers():
+    rng = np.random.default_rng()
+    separated = membership_inference(rng.normal(0, 0.1, 400), rng.normal(3, 0.1, 400))
+    assert separated.mean > 99.5 and len(separated.scores) == 50 and separated.n_per_group == 400
+    same = membership_inference(rng.normal(0, 1, 500), rng.normal(0, 1, 500))
+    assert 42 < same.mean < 58
+    # two unit Gaussians d apart: the best threshold is right 100 * Phi(d / 2) % of the time
+    d = 2.0
+    shifted = membership_inference(rng.normal(d, 1, 1000), rng.normal(0, 1, 1000), repeats=4)
+    assert shifted.mean == pytest.approx(100 * phi(d / 2), abs=3.0)
+    assert 0 < shifted.std < 10
+    # 40 forget samples against 4000 held-out ones of the same distribution: still chance, not 99%
+    unbalanced = membership_inference(rng.normal(0, 1, 40), rng.normal(0, 1, 4000), repeats=20)
+    assert unbalanced.n_per_group == 40 and 35 < unbalanced.mean < 65
+    two_features = membership_inference(rng.normal(0, 1, (300, 2)) + [0, 3], rng.normal(0, 1, (300, 2)))
+    assert two_features.mean == pytest.approx(100 * phi(1.5), abs=5.0)
+
+
+def test_membership_inference_bad_input():
+    with pytest.raises(SlugError, match="forget holds NaN or Inf at sample 1"):
+        membership_inference([0.0, float("nan"), 1.0], [1.0, 2.0, 3.0])
+    with pytest.raises(SlugError, match="5-fold cross-validation needs at least 5 samples in each group"):
+        membership_inference(np.arange(3.0), np.arange(10.0))
+    with pytest.raises(SlugError, match="forget has 2 features per sample but held_out has 1"):
+        membership_inference(np.zeros((10, 2)), np.zeros(10))
+
+
+def brute_force_scores(model, pairs, batch_size):
+    """Per-sample symmetric contrastive loss and 1 - cos in float64, sample by sample."""
+    model = digits.build_model(0).double().eval() if model is None else model
+    with torch.no_grad():
+        img = F.normalize(torch.cat([model.encode_image(im[None].double()) for im, _ in pairs]), dim=-1)
+        txt = F.normalize(torch.cat([model.encode_text(digits.tokenize([c])) for _, c in pairs]), dim=-1)
+        scale = model.logit_scale.exp()
+    n, losses = len(pairs), []
+    for i in range(n):
+        start = i // batch_size * batch_size
+        members = list(range(start, min(start + batch_size, n)))
+        if len(members) < batch_size <= n:  # the documented wrap-around of the last batch
+            members += list(range(batch_size - len(members)))
+        j = members.index(i)
+        logits = scale * img[members] @ txt[members].T
+        losses.append(0.5 * (-torch.log_softmax(logits[j], 0)[j] - torch.log_softmax(logits[:, j], 0)[j]).item())
+    return np.array(losses), (1 - (img * txt).sum(-1)).numpy()
+
+
+def digit_pairs(data, count, offset=0):
+    idx = range(offset, offset + count)
+    return [(data.test_images[i], f"the digit {digits.DIGIT_NAMES[data.test_labels[i]]}") for i in idx]
+
+
+def test_clip_sample_scores_match_a_float64_brute_force():
+    data = digits.load_digits_data(0)
+    model = digits.build_model(0).eval()
+    adapter = get_adapter(model, tokenizer=digits.tokenizer())
+    pairs = digit_pairs(data, 45)
+    got = clip_sample_scores(adapter, pairs, batch_size=16)
+    reference = digits.build_model(0).double().eval()
+    loss, distance = brute_force_scores(reference, pairs, 16)
+    np.testing.assert_allclose(got.loss, loss, atol=1e-4)
+    np.testing.assert_allclose(got.distance, distance, atol=1e-5)
+    small = clip_sample_scores(adapter, pairs[:5], batch_size=16)  # fewer pairs than a batch: one batch
+    np.testing.assert_allclose(small.loss, brute_force_scores(reference, pairs[:5], 16)[0], atol=1e-4)
+    result = clip_membership_inference(adapter, pairs[:20], digit_pairs(data, 20, 100), batch_size=10, repeats=2)
+    assert set(result) == {"loss", "distance"} and all(0 <= r.mean <= 100 for r in result.values())
+
+
+def test_similarity_matrix_matches_a_float64_brute_force():
+    data = digits.load_digits_data(0)
+    model = digits.build_model(0).eval()
+    adapter = get_adapter(model, tokenizer=digits.tokenizer())
+    images = data.test_images[:4]
+    captions = ["the digit one", "handwritten seven", "a drawing of the number two", "the number nine",
+                "a scan of a handwritten zero", "the digit three"]
+    got = similarity_matrix(adapter, list(images), captions, batch_size=3)
+    reference = digits.build_model(0).double().eval()
+    expected = torch.empty(4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(4):
+            a = reference.encode_image(images[i:i + 1].double())[0]
+            for j, caption in enumerate(captions):
+                b = reference.encode_text(digits.tokenize([caption]))[0]
+                expected[i, j] = (a @ b) / (a.norm() * b.norm())
+    assert got.shape == (4, 6) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_similarity_change_and_plot(tmp_path, gen):
+    before = torch.rand(3, 3, generator=gen, dtype=torch.float64)
+    after = before.clone()
+    after[1, 1] -= 0.5
+    after[0, 2] += 0.25
+    change = similarity_change(before, after)
+    diag = before.diagonal()
+    off = before[~torch.eye(3, dtype=torch.bool)]
+    assert change["matched_before"] == pytest.approx(diag.mean().item())
+    assert change["matched_after"] == pytest.approx(diag.mean().item() - 0.5 / 3)
+    assert change["unmatched_after"] == pytest.approx(off.mean().item() + 0.25 / 6)
+    assert change["max_abs_change"] == pytest.approx(0.5) and change["mean_abs_change"] == pytest.approx(0.75 / 9)
+    assert "matched_before" not in similarity_change(before[:2], after[:2])
+    with pytest.raises(SlugError, match="one shape"):
+        similarity_change(before, after[:2])
+
+    path = plot_similarity(tmp_path / "similarity.png", before, after, captions=["a", "b", "c"],
+                           image_labels=["x", "y", "z"], title="edit")
+    assert path == tmp_path / "similarity.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1] > 50
+    assert [p.name for p in tmp_path.iterdir()] == ["similarity.png"]  # no temporary file left
+    plot_similarity(tmp_path / "one.png", before[:, :2])
+    with pytest.raises(SlugError, match="must end in .png"):
+        plot_similarity(tmp_path / "similarity.jpg", before)
+    with pytest.raises(SlugError, match="captions has 2 entries for a matrix with 3"):
+        plot_similarity(tmp_path / "similarity.png", before, captions=["a", "b"])
+    with pytest.raises(SlugError, match="directory .* does not exist"):
+        plot_similarity(tmp_path / "missing" / "similarity.png", before)
