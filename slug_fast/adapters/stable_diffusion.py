@@ -211,16 +211,6 @@ def _scorer_pixels(scorer: ClipFamilyAdapter, images: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def class_embeddings(scorer: ClipFamilyAdapter, class_names: Sequence[str],
-                     templates: Sequence[str] = ("a photo of a {}.",)) -> torch.Tensor:
-    """(C, D) zero-shot classifier: each class's normalised text embeddings averaged over
-    `templates` ("{}" stands for the class name), renormalised."""
-    rows = [F.normalize(scorer.text_features([t.format(c) for t in templates]).float().mean(0), dim=-1)
-            for c in class_names]
-    return torch.stack(rows)
-
-
-@torch.no_grad()
 def generate_and_score(pipe, prompts: str | Sequence[str], scorer: ClipFamilyAdapter, class_names: Sequence[str],
                        *, num_inference_steps: int, seed: int, height: int | None = None,
                        width: int | None = None, templates: Sequence[str] | None = None,
@@ -266,7 +256,10 @@ def generate_and_score(pipe, prompts: str | Sequence[str], scorer: ClipFamilyAda
     images = torch.cat(images)
 
     image_emb = scorer.image_features(_scorer_pixels(scorer, images)).float()
-    text_emb = class_embeddings(scorer, class_names, templates or ("a photo of a {}.",)).to(image_emb.device)
+    from ..eval.zero_shot import ZeroShotClassifier
+
+    classifier = ZeroShotClassifier(scorer, class_names, templates or ("a photo of a {}.",))
+    text_emb = classifier.weights().float().to(image_emb.device)
     scale = scorer.log_logit_scale(scorer.target).detach().float().exp()
     probs = (scale * image_emb @ text_emb.T).softmax(-1).cpu()
     index = probs.argmax(-1).tolist()
