@@ -32,8 +32,51 @@ def build_parser() -> argparse.ArgumentParser:
                       help="search every front layer and keep the best, or only the deepest (default best)")
     demo.add_argument("--max-evals", type=_positive_int, default=10, help="step-search budget per layer (10)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    un = sub.add_parser(
+        "unlearn", help="unlearn a concept from a CLIP model on your data; writes the delta and reports",
+        description="Unlearn a concept from an open_clip or Hugging Face CLIP model with SLUG. Writes "
+        "delta/, report.json, report.md, pareto_<tower>.png and similarity.png to --out; prints the "
+        "report as JSON.")
+    _model_args(un)
+    un.add_argument("--concept", required=True, help="the name to forget, as captions spell it")
+    un.add_argument("--alias", action="append", default=[], help="another spelling of the concept (repeatable)")
+    un.add_argument("--class-names", required=True, metavar="NAMES",
+                    help="zero-shot classes, 'a,b,c' or @file (one per line); the concept is added if missing")
+    un.add_argument("--data", metavar="SRC", help="captioned images to split by the concept: WebDataset "
+                    ".tar shard(s) (brace patterns, a folder of shards) or an image folder with captions.tsv")
+    un.add_argument("--forget-data", metavar="SRC", help="captioned images of the concept (instead of --data)")
+    un.add_argument("--retain-data", metavar="SRC", help="captioned images to keep (instead of --data)")
+    un.add_argument("--eval-data", metavar="SRC", help="held-out captioned images for the criterion, the "
+                    "report and membership inference (default: the forget and retain images)")
+    un.add_argument("--top-k", type=_positive_int, default=5,
+                    help="criterion: the concept's zero-shot top-k accuracy is 0 (default 5, as in the paper)")
+    un.add_argument("--strategy", choices=["best", "deepest"], default="best",
+                    help="search every front layer and keep the best, or only the deepest (default best)")
+    un.add_argument("--tower", choices=["vision", "text"], help="edit only this tower")
+    un.add_argument("--max-evals", type=_positive_int, default=10, help="step-search budget per layer (10)")
+    un.add_argument("--batch-size", type=_positive_int, default=32, help="pairs per gradient batch (32)")
+    un.add_argument("--limit", type=_positive_int, help="read at most this many pairs from each source")
+    un.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    un.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ap = sub.add_parser("apply", help="apply a saved delta to a model and save the edited model",
+                        description="Apply a delta written by `slug-fast unlearn` (or result.save) to a model "
+                        "and save it to --out: open_clip as open_clip_config.json + safetensors (load it with "
+                        "'local-dir:OUT'), Hugging Face with save_pretrained.")
+    _model_args(ap)
+    ap.add_argument("--delta", required=True, metavar="DIR", help="the delta directory")
+    ap.add_argument("--out", required=True, metavar="DIR", help="where to save the edited model")
+    ap.add_argument("--no-verify-base", action="store_true",
+                    help="apply even if the model's tensors are not the ones the delta was computed on")
     sub.add_parser("backends", help="which compute backends are usable here, as JSON")
     return parser
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="open_clip architecture (with --pretrained), "
+                        "hf-hub:org/repo, a Hugging Face id, or a local model directory")
+    parser.add_argument("--pretrained", help="open_clip pretrained tag or checkpoint file (e.g. laion400m_e32)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
 def _positive_int(text: str) -> int:
@@ -53,6 +96,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "backends":
             from ._backends import availability
             out = {name: {"available": reason is None, "reason": reason} for name, reason in availability().items()}
+        elif args.command == "unlearn":
+            from .job import run_unlearn
+            out = run_unlearn(args.model, args.concept, args.out, pretrained=args.pretrained, data=args.data,
+                              forget_data=args.forget_data, retain_data=args.retain_data, eval_data=args.eval_data,
+                              class_names=args.class_names, aliases=tuple(args.alias), k=args.top_k,
+                              strategy=args.strategy, tower=args.tower, max_evals=args.max_evals,
+                              batch_size=args.batch_size, limit=args.limit, device=args.device,
+                              progress=False if args.quiet else None)
+        elif args.command == "apply":
+            from .job import run_apply
+            out = run_apply(args.model, args.delta, args.out, pretrained=args.pretrained, device=args.device,
+                            verify_base=not args.no_verify_base)
         else:
             from .demo import concept_label, run_demo
             concept_label(args.forget)  # refuse a bad digit before training anything

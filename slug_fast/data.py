@@ -340,3 +340,35 @@ def split_by_concept(pairs: Iterable, concept: str | Sequence[str]) -> ConceptSp
                         "empty; add pairs without the concept (generic captioned images)")
     return ConceptSplit(Pairs(forget, source=f"{pairs.source} mentioning {shown}"),
                         Pairs(retain, source=f"{pairs.source} not mentioning {shown}"))
+
+
+def read_source(source: str | os.PathLike, limit: int | None = None) -> Pairs:
+    """Pairs from an image folder (it holds captions.tsv) or from WebDataset shards
+    (a .tar, a brace pattern, or a folder of .tar files)."""
+    path = Path(source)
+    if path.is_dir() and (path / CAPTIONS_FILE).is_file():
+        return read_image_folder(path, limit=limit)
+    return read_webdataset(str(source), limit=limit)
+
+
+class Labelled(NamedTuple):
+    """Images whose caption names exactly one class, with that class's index."""
+
+    images: list
+    labels: list[int]
+    ambiguous: int  # captions naming several classes (left out)
+
+
+def label_by_class(pairs: Iterable, class_names: Sequence[str]) -> Labelled:
+    """Label each pair by the one class name its caption mentions (whole words, any case);
+    pairs naming no class are left out, pairs naming several are counted and left out."""
+    patterns = [concept_pattern(name) for name in class_names]
+    images, labels, ambiguous = [], [], 0
+    for image, caption in pairs:
+        hits = [i for i, p in enumerate(patterns) if p.search(caption)]
+        if len(hits) == 1:
+            images.append(image)
+            labels.append(hits[0])
+        elif hits:
+            ambiguous += 1
+    return Labelled(images, labels, ambiguous)

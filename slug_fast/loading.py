@@ -42,12 +42,16 @@ def load_model(model: str, pretrained: str | None = None, device: str = "cpu") -
             adapter = OpenClipAdapter(clip.eval(), tokenizer=open_clip.get_tokenizer(name), preprocess=preprocess)
             adapter.source = {"library": "open_clip", "name": name, "pretrained": pretrained}
             return adapter
-        from transformers import AutoProcessor, CLIPModel
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, CLIPModel
 
         from .adapters.hf_clip import HFClipAdapter
 
         clip = CLIPModel.from_pretrained(model).to(device).eval()
-        adapter = HFClipAdapter(clip, processor=AutoProcessor.from_pretrained(model))
+        try:
+            adapter = HFClipAdapter(clip, processor=AutoProcessor.from_pretrained(model))
+        except (OSError, ValueError, TypeError):  # no processor config: tokenizer and image processor apart
+            adapter = HFClipAdapter(clip, tokenizer=AutoTokenizer.from_pretrained(model),
+                                    image_processor=AutoImageProcessor.from_pretrained(model))
         adapter.source = {"library": "transformers", "name": model}
         return adapter
     except SlugError:

@@ -92,13 +92,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(out: str | Path, report: dict, result) -> dict[str, str]:
-    """Write delta/, report.json, report.md and pareto_<tower>.png into `out`; returns what went where."""
+def write_outputs(out: str | Path, report: dict, result, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Write delta/, report.md, pareto_<tower>.png and last report.json (listing them and the
+    `extra` files already written) into `out`; returns what went where."""
     from .files import write_json_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"delta": str(result.save(out / "delta"))}
+    files = {"delta": str(result.save(out / "delta")), **(extra or {})}
     for tower, front in result.fronts.items():
         members = [n for n in result.stats.names if n in result.tower_members.get(tower, ())]
         path = plot_pareto(result.stats, members, front, result.layers, out / f"pareto_{tower}.png",

@@ -1,0 +1,133 @@
+"""The command-line jobs on real models and data: `slug-fast unlearn` and `slug-fast apply`."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .data import concept_pattern, label_by_class, read_source, split_by_concept
+from .delta import apply_delta, load_delta
+from .errors import SlugError
+from .loading import load_model, save_model
+
+SIMILARITY_SAMPLE = 12  # pairs of each set shown in the before/after similarity plot
+
+
+def _class_list(class_names: str | None, concept: str) -> list[str]:
+    """Class names from "a,b,c" or "@file" (one per line); the concept is added if missing."""
+    if not class_names:
+        raise SlugError("--class-names is required: the concept and other names for zero-shot classification, "
+                        "as 'a,b,c' or @file with one name per line")
+    if class_names.startswith("@"):
+        path = Path(class_names[1:])
+        if not path.is_file():
+            raise SlugError(f"--class-names file {path} not found")
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    else:
+        names = [n.strip() for n in class_names.split(",")]
+    names = list(dict.fromkeys(n for n in names if n))
+    if concept not in names:
+        names.insert(0, concept)
+    if len(names) < 2:
+        raise SlugError(f"--class-names needs at least one name besides the concept {concept!r}")
+    return names
+
+
+def _check_out(out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SlugError(f"--out {out} exists and is not a directory")
+    return out
+
+
+def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | None = None,
+                data: str | None = None, forget_data: str | None = None, retain_data: str | None = None,
+                eval_data: str | None = None, class_names: str | None = None, aliases: tuple[str, ...] = (),
+                k: int = 5, strategy: str = "best", tower: str | None = None, max_evals: int = 10,
+                batch_size: int = 32, limit: int | None = None, device: str = "cpu",
+                progress: bool | None = None) -> dict:
+    """Unlearn `concept` from a CLIP model with SLUG and write the delta and the report to `out`.
+
+    Data: `data` (split by whether a caption mentions the concept) or `forget_data` and
+    `retain_data`. The criterion is the paper's: the concept's zero-shot top-k accuracy
+    among `class_names` is 0, on `eval_data` (captions naming one class label an image)
+    or else on the forget images and the retain images that name another class.
+    """
+    from .eval.mia import clip_membership_inference
+    from .eval.similarity import plot_similarity, similarity_change, similarity_matrix
+    from .eval.zero_shot import concept_criterion
+    from .report import write_outputs
+    from .unlearn import unlearn
+
+    t0 = time.perf_counter()
+    out = _check_out(out)
+    names = _class_list(class_names, concept)
+    if (data is None) == (forget_data is None or retain_data is None):
+        raise SlugError("give either --data (split by the concept) or both --forget-data and --retain-data")
+    if data is not None:
+        forget_pairs, retain_pairs = split_by_concept(read_source(data, limit), [concept, *aliases])
+    else:
+        forget_pairs, retain_pairs = read_source(forget_data, limit), read_source(retain_data, limit)
+    held_out = []  # images of the concept the model was not unlearned on: MIA's non-members
+    if eval_data is not None:
+        eval_pairs = read_source(eval_data, limit)
+        labelled = label_by_class(eval_pairs, names)
+        eval_images, eval_labels = labelled.images, labelled.labels
+        mentions = concept_pattern([concept, *aliases])
+        held_out = [pair for pair in eval_pairs if mentions.search(pair[1])]
+    else:
+        others = label_by_class(retain_pairs, names)
+        eval_images = [im for im, _ in forget_pairs] + others.images
+        eval_labels = [names.index(concept)] * len(forget_pairs) + others.labels
+    adapter = load_model(model, pretrained, device)
+    t_load = time.perf_counter() - t0
+
+    criterion = concept_criterion(adapter, eval_images, eval_labels, names, concept, k=k)
+    before = criterion(adapter.model)[1]
+    sample = list(forget_pairs[:SIMILARITY_SAMPLE]) + list(retain_pairs[:SIMILARITY_SAMPLE])
+    sim_before = similarity_matrix(adapter, [im for im, _ in sample], [c for _, c in sample])
+    mia_before = clip_membership_inference(adapter, forget_pairs, held_out) if held_out else None
+
+    forget = adapter.make_batches(forget_pairs, batch_size)
+    retain = adapter.make_batches(retain_pairs, batch_size)
+    result = unlearn(adapter, forget, retain, criterion, strategy=strategy, tower=tower, max_evals=max_evals,
+                     progress=progress)
+
+    after = criterion(adapter.model)[1]
+    sim_after = similarity_matrix(adapter, [im for im, _ in sample], [c for _, c in sample])
+    report = {
+        "concept": concept,
+        "model": {"name": model, "pretrained": pretrained, "adapter": adapter.name},
+        "layer": result.edited,
+        "step": result.step,
+        "criterion": f"forget top-{k} zero-shot accuracy among {len(names)} classes is 0",
+        "forget": {f"top{j}_{when}": m[f"forget_top{j}"] for j in sorted({1, k})
+                   for when, m in (("before", before), ("after", after))},
+        "retain": {f"top{j}_{when}": m[f"others_top{j}"] for j in sorted({1, k})
+                   for when, m in (("before", before), ("after", after))},
+        "similarity": similarity_change(sim_before, sim_after),
+        "data": {"forget_pairs": len(forget_pairs), "retain_pairs": len(retain_pairs),
+                 "eval_images": len(eval_images), "skipped": {
+                     "forget": forget_pairs.skip_counts(), "retain": retain_pairs.skip_counts()}},
+        "seconds": {**{k_: round(v, 4) for k_, v in result.seconds.items()}, "load": round(t_load, 4)},
+        "unlearn": result.to_dict(),
+    }
+    if mia_before is not None:
+        mia_after = clip_membership_inference(adapter, forget_pairs, held_out)
+        report["mia"] = {f"{kind}_{when}": res[kind].mean for kind in ("loss", "distance")
+                         for when, res in (("before", mia_before), ("after", mia_after))}
+    out.mkdir(parents=True, exist_ok=True)
+    similarity_png = plot_similarity(out / "similarity.png", sim_before, sim_after, captions=[c for _, c in sample],
+                                     title=f"image-text similarity, forgetting {concept}")
+    report["files"] = write_outputs(out, report, result, {"similarity": str(similarity_png)})
+    return report
+
+
+def run_apply(model: str, delta: str, out: str | Path, *, pretrained: str | None = None,
+              device: str = "cpu", verify_base: bool = True) -> dict:
+    """Apply a saved delta to a model and save the edited model to `out`."""
+    out = _check_out(out)
+    load_delta(delta)  # refuse a bad delta before loading the model
+    adapter = load_model(model, pretrained, device)
+    changed = apply_delta(adapter.model, delta, verify_base=verify_base)
+    save_model(adapter, out)
+    return {"model": model, "delta": str(delta), "changed": changed, "out": str(out)}

@@ -1,0 +1,111 @@
+"""`slug-fast unlearn` and `slug-fast apply` on models and data saved to disk, offline.
+
+The model is the digits mini-CLIP saved in open_clip's "local-dir" format; the data are
+its images written as PNGs into a WebDataset shard with captions, the way img2dataset
+writes LAION shards.
+"""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from slug_fast import digits
+
+CLASSES = ",".join(digits.DIGIT_NAMES)
+
+
+def write_shard(path, images, labels, data, gen):
+    captions = digits.captions_for(labels, gen)
+    with tarfile.open(path, "w") as tar:
+        for i, (image, caption) in enumerate(zip(images, captions)):
+            png = io.BytesIO()
+            digits.to_pil(image, data).save(png, format="PNG")
+            for ext, payload in (("png", png.getvalue()), ("txt", caption.encode())):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, digits_trained):
+    state, data = digits_trained
+    root = tmp_path_factory.mktemp("jobs")
+    model_dir = root / "model"
+    model_dir.mkdir()
+    (model_dir / "open_clip_config.json").write_text(json.dumps(digits.open_clip_config(data)))
+    save_file({k: v.contiguous() for k, v in state.items()}, model_dir / "open_clip_model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    train = write_shard(root / "train.tar", data.train_images[:600], data.train_labels[:600], data, gen)
+    test = write_shard(root / "test.tar", data.test_images, data.test_labels, data, gen)
+    return {"root": root, "model": model_dir, "train": train, "test": test}
+
+
+def run(*args):
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, "-m", "slug_fast", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_unlearn_then_apply_round_trip(saved, tmp_path):
+    out = tmp_path / "run"
+    res = run("unlearn", "--model", saved["model"], "--data", saved["train"], "--eval-data", saved["test"],
+              "--concept", "seven", "--class-names", CLASSES, "--out", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["forget"]["top5_after"] == 0.0 and report["forget"]["top1_before"] > 50
+    assert report["retain"]["top1_after"] > report["retain"]["top1_before"] - 25
+    assert set(report["mia"]) == {"loss_before", "loss_after", "distance_before", "distance_after"}
+    assert report["data"]["forget_pairs"] + report["data"]["retain_pairs"] == 600
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["delta", "pareto_text.png", "pareto_vision.png", "report.json", "report.md",
+                       "similarity.png"]
+
+    applied = tmp_path / "applied"
+    res = run("apply", "--model", saved["model"], "--delta", out / "delta", "--out", applied)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["changed"] == report["layer"]
+    original = load_file(saved["model"] / "open_clip_model.safetensors")
+    edited = load_file(applied / "open_clip_model.safetensors")
+    delta = load_file(out / "delta" / "delta.safetensors")
+    changed = [k for k in original if not torch.equal(original[k], edited[k])]
+    assert changed == report["layer"]
+    for name in changed:  # theta0 + delta in float32, the edit's own rounding
+        assert torch.equal(edited[name], original[name] + delta[name])
+    import open_clip
+    reloaded = open_clip.create_model(f"local-dir:{applied}")
+    assert torch.equal(reloaded.state_dict()[changed[0]], edited[changed[0]])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--concept", "eleven"], "no caption among"),
+    (["--concept", "seven", "--class-names", "seven"], "at least one name besides the concept"),
+    (["--concept", "seven", "--model", "/nonexistent/model"], "could not load '/nonexistent/model'"),
+])
+def test_unlearn_bad_input_exits_2_and_writes_nothing(saved, tmp_path, args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("keep me")
+    base = {"--model": saved["model"], "--data": saved["train"], "--class-names": CLASSES, "--out": out}
+    given = dict(zip(args[::2], args[1::2]))
+    argv = [x for k, v in {**base, **given}.items() for x in (k, v)]
+    res = run("unlearn", *argv, "--quiet")
+    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == ["report.json"] and (out / "report.json").read_text() == "keep me"
+
+
+def test_apply_refuses_a_corrupt_delta(saved, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "delta_config.json").write_text("{}")
+    (bad / "delta.safetensors").write_bytes(b"junk")
+    res = run("apply", "--model", saved["model"], "--delta", bad, "--out", tmp_path / "applied")
+    assert res.returncode == 2 and "is not a slug_fast.delta config" in res.stderr
+    assert not (tmp_path / "applied").exists()
