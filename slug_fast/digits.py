@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.tokenizer import SimpleTokenizer
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+
+if TYPE_CHECKING:  # imported lazily: the command line starts faster without open_clip and sklearn
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = (
@@ -43,6 +44,9 @@ class DigitsData:
 
 def load_digits_data(seed: int = 0, test_fraction: float = 0.3) -> DigitsData:
     """Load sklearn digits, split stratified and deterministically, normalise with train statistics."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     ds = load_digits()
     x = ds.images.astype(np.float32) / 16.0
     x_tr, x_te, y_tr, y_te = train_test_split(
@@ -77,6 +81,8 @@ def to_pil(image: torch.Tensor, data: DigitsData):
 
 def build_model(seed: int = 0) -> open_clip.model.CLIP:
     """Build the tiny, seeded open_clip CLIP (ViT 8x8 patch-4 image tower, 2-layer text transformer)."""
+    import open_clip
+
     torch.manual_seed(seed)
     return open_clip.model.CLIP(embed_dim=EMBED_DIM, vision_cfg=dict(VISION_CFG), text_cfg=dict(TEXT_CFG))
 
@@ -84,6 +90,8 @@ def build_model(seed: int = 0) -> open_clip.model.CLIP:
 @lru_cache(maxsize=None)
 def tokenizer(context_length: int = CONTEXT_LENGTH) -> SimpleTokenizer:
     """Return open_clip's (offline) BPE SimpleTokenizer for the given context length."""
+    from open_clip.tokenizer import SimpleTokenizer
+
     return SimpleTokenizer(context_length=context_length)
 
 
