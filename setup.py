@@ -3,7 +3,7 @@ Triton kernels of kernels/ as slug_fast.kernels. Needs torch at build time: inst
 torch first, then `pip install --no-build-isolation .`."""
 import glob
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ext = CppExtension(
@@ -14,8 +14,9 @@ ext = CppExtension(
 )
 
 setup(
-    packages=["slug_fast", "slug_fast.kernels"],
+    packages=find_packages(include=["slug_fast", "slug_fast.*"]) + ["slug_fast.kernels"],
     package_dir={"slug_fast": "slug_fast", "slug_fast.kernels": "kernels"},
+    package_data={"slug_fast": ["assets/*.safetensors"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

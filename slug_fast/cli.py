@@ -21,13 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="slug-fast", description="Unlearn a concept by editing one layer once (SLUG).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser("demo", help="forget a digit from the built-in mini-CLIP; prints a JSON report",
-                          description="Train the built-in digits mini-CLIP (seconds), forget one digit with "
-                          "SLUG, print the JSON report and, with --out, write report.json and the delta.")
+                          description="Load the mini-CLIP the package ships (trained on scikit-learn's digits), "
+                          "forget one digit with SLUG, print the JSON report and, with --out, write "
+                          "report.json, report.md, the Pareto plots and the delta.")
     demo.add_argument("--forget", default=DEFAULT_CONCEPT, metavar="DIGIT",
                       help=f"digit to forget, by name or numeral (default: {DEFAULT_CONCEPT})")
     demo.add_argument("--out", metavar="DIR", help="directory for report.json and delta/ (created if missing)")
-    demo.add_argument("--epochs", type=_positive_int, help="training epochs of the built-in model")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the data split and the training (default 0)")
+    demo.add_argument("--epochs", type=_positive_int,
+                      help="train the mini-CLIP for this many epochs instead of loading the shipped weights")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the data split and the training; not 0 trains a new model (default 0)")
     demo.add_argument("--strategy", choices=["best", "deepest"], default="best",
                       help="search every front layer and keep the best, or only the deepest (default best)")
     demo.add_argument("--max-evals", type=_positive_int, default=10, help="step-search budget per layer (10)")
@@ -79,6 +82,18 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
+def _before_after(report: dict) -> str:
+    """A short human-readable table of a report (stderr; stdout stays JSON)."""
+    lines = [f"forgot {report['concept']!r} by editing {', '.join(report['layer'])} (step {report['step']:.4g}) "
+             f"in {report['seconds']['total']:.2f} s"]
+    for group in ("forget", "retain"):
+        for key, before in report[group].items():
+            if key.endswith("_before"):
+                name = key.removesuffix("_before")
+                lines.append(f"  {group} {name:<5} {before:7.2f}% -> {report[group][name + '_after']:7.2f}%")
+    return "\n".join(lines)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -113,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             concept_label(args.forget)  # refuse a bad digit before training anything
             out = run_demo(args.forget, args.out, epochs=args.epochs, seed=args.seed, strategy=args.strategy,
                            max_evals=args.max_evals, progress=False if args.quiet else None)
+            if not args.quiet:
+                print(_before_after(out), file=sys.stderr)
     except SlugError as err:
         print(f"slug-fast: error: {err}", file=sys.stderr)
         return 2

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -213,3 +215,74 @@ def _train(seed, epochs, data, progress, batch_size, lr, weight_decay) -> open_c
         full_emb.weight[vocab] = model.token_embedding.weight
     model.token_embedding = full_emb
     return model.eval()
+
+
+# ------------------------------------------------------------------ shipped weights
+
+PRETRAINED = Path(__file__).parent / "assets" / "digits_clip.safetensors"
+_ROWS, _VALUES = "token_embedding.rows", "token_embedding.values"
+
+
+def save_pretrained(model, path: str | os.PathLike, **metadata) -> Path:
+    """Write the mini-CLIP as safetensors, small: the token embedding keeps only the rows
+    training changed (the others are build_model(seed)'s initial values, rebuilt on load)."""
+    from safetensors.torch import save_file
+
+    from .files import write_atomic
+
+    seed = int(metadata.get("seed", 0))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    init = build_model(seed).state_dict()["token_embedding.weight"]
+    emb = state.pop("token_embedding.weight")
+    rows = (emb != init).any(dim=1).nonzero().flatten()
+    state[_ROWS], state[_VALUES] = rows, emb[rows].contiguous()
+    meta = {k: str(v) for k, v in metadata.items()}
+    return write_atomic(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def load_pretrained(path: str | os.PathLike = PRETRAINED):
+    """(model in eval mode, metadata dict) from a file written by save_pretrained."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .errors import SlugError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SlugError(f"{path} not found; train the mini-CLIP with `python -m slug_fast.digits --out {path}`")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    state = load_file(path)
+    model = build_model(int(meta.get("seed", 0)))
+    emb = model.state_dict()["token_embedding.weight"].clone()
+    emb[state.pop(_ROWS)] = state.pop(_VALUES)
+    state["token_embedding.weight"] = emb
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+def main(argv=None) -> None:
+    """Train the mini-CLIP deterministically and write the weights the package ships."""
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(prog="python -m slug_fast.digits", description=main.__doc__)
+    ap.add_argument("--out", default=str(PRETRAINED), help=f"output file (default: {PRETRAINED})")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=10)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    data = load_digits_data(args.seed)
+    model = train_digits_clip(seed=args.seed, epochs=args.epochs, data=data)
+    seconds = time.perf_counter() - t0
+    top1 = zero_shot_accuracy(model, data.test_images, data.test_labels, k=1)
+    top5 = zero_shot_accuracy(model, data.test_images, data.test_labels, k=5)
+    out = save_pretrained(model, args.out, seed=args.seed, epochs=args.epochs, split_seed=args.seed,
+                          test_fraction=0.3, test_top1=round(top1, 4), test_top5=round(top5, 4),
+                          train_seconds=round(seconds, 2), torch=torch.__version__)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): held-out zero-shot top-1 {top1:.2f}%, "
+          f"top-5 {top5:.2f}%, trained in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
