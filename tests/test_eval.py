@@ -357,3 +357,25 @@ def test_similarity_change_and_plot(tmp_path, gen):
         plot_similarity(tmp_path / "similarity.png", before, captions=["a", "b"])
     with pytest.raises(SlugError, match="directory .* does not exist"):
         plot_similarity(tmp_path / "missing" / "similarity.png", before)
+
+
+def test_concept_criterion_judges_the_model_it_is_given(digits_model, digits_trained):
+    import copy
+
+    from slug_fast.adapters import get_adapter
+    from slug_fast.edit import LayerEdit
+    from slug_fast.eval import concept_criterion
+
+    data = digits_trained[1]
+    adapter = get_adapter(digits_model)
+    criterion = concept_criterion(adapter, data.test_images, data.test_labels, list(digits.DIGIT_NAMES), "seven", k=1)
+    _, original = criterion(digits_model)
+    broken = copy.deepcopy(digits_model)
+    with torch.no_grad():
+        broken.visual.proj.mul_(-1)  # flips every image embedding: accuracy collapses
+    _, on_copy = criterion(broken)
+    assert on_copy["others_top1"] < 20 < original["others_top1"]
+    assert criterion(digits_model)[1] == original  # the bound model is untouched and still judged as before
+    with LayerEdit(digits_model, {"visual.proj": -2 * digits_model.visual.proj.detach()}) as edit:
+        edit.step(1.0)  # the bound model itself, edited the same way
+        assert criterion(digits_model)[1]["others_top1"] == on_copy["others_top1"]

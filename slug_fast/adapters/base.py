@@ -1,6 +1,7 @@
 """The adapter interface: what the engine needs to know about one kind of model."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -50,6 +51,12 @@ class Adapter:
     def target(self) -> nn.Module:
         """The module SLUG differentiates and edits."""
         return self.model
+
+    def rebind(self, model) -> "Adapter":
+        """The same adapter (tokenizer, preprocessing, options) around another model of the same kind."""
+        other = copy.copy(self)
+        other.model = model
+        return other
 
     def param_names(self) -> list[str] | None:
         """Target parameters to differentiate; None = all that require grad."""

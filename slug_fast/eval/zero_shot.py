@@ -240,6 +240,9 @@ def concept_criterion(adapter: ClipFamilyAdapter, images, labels, class_names: S
     are concept_accuracy's (top-1 and top-k) plus "utility": `utility(model)`
     if given, else others_top1. Prompts are re-encoded only after a text-tower
     edit and images only after a vision-tower edit.
+    `criterion(m)` judges `m` when it is another model of the adapter's type (a copy,
+    uncached); anything else (the pipeline whose CLIP model the adapter holds, say)
+    is judged through the adapter's own model, which every edit reaches.
     """
     classifier = ZeroShotClassifier(adapter, class_names, templates)
     label_ids = classifier.labels(labels)
@@ -252,7 +255,12 @@ def concept_criterion(adapter: ClipFamilyAdapter, images, labels, class_names: S
     features = TowerCache(adapter, "vision", lambda: encode_images(adapter, pixels, batch_size))
 
     def criterion(model) -> tuple[bool, dict]:
-        metrics = classifier.concept_accuracy(None, label_ids, concept, topk, features=features.get())
+        if model is adapter.model or type(model) is not type(adapter.model):
+            metrics = classifier.concept_accuracy(None, label_ids, concept, topk, features=features.get())
+        else:
+            other = adapter.rebind(model)
+            metrics = ZeroShotClassifier(other, class_names, templates).concept_accuracy(
+                None, label_ids, concept, topk, features=encode_images(other, pixels, batch_size))
         metrics["utility"] = float(utility(model)) if utility is not None else metrics["others_top1"]
         return metrics[f"forget_top{k}"] == 0.0, metrics
 

@@ -1,0 +1,352 @@
+"""Baselines (slug_fast.baselines) on the digits mini-CLIP and against brute-force oracles."""
+import json
+
+import pytest
+import torch
+
+import slug_fast
+from slug_fast.baselines import (DEFAULT_GRIDS, METHODS, dampen, run_baseline, saliency_mask, slug_authors)
+from slug_fast.baselines.slug_authors import authors_pareto, authors_stats
+from slug_fast.baselines.ssd import importance
+from slug_fast.demo import accuracies
+from slug_fast.errors import SlugError
+from slug_fast.losses import clip_retain_loss
+
+from test_pareto import brute_force, random_points
+from test_unlearn import FORGET, criterion_for, params_of, sets
+
+
+def same_params(model, reference):
+    return all(torch.equal(p.detach(), reference[n]) for n, p in model.named_parameters())
+
+
+def mean_loss(model, batches, loss):
+    with torch.no_grad():
+        return sum(loss(model, b).item() for b in batches) / len(batches)
+
+
+class CountingAdam:
+    """An optimizer factory that counts steps and records the weights each setting starts from."""
+
+    def __init__(self):
+        self.steps = 0
+        self.starts = []
+
+    def __call__(self, params, lr):
+        self.starts.append([p.detach().clone() for p in params])
+        opt = torch.optim.Adam(params, lr=lr)
+        step = opt.step
+
+        def counted(*args, **kwargs):
+            self.steps += 1
+            return step(*args, **kwargs)
+        opt.step = counted
+        return opt
+
+
+# ----------------------------------------------------------------------------- each method on the mini-CLIP
+@pytest.mark.parametrize("method,grid", [("ga", [1e-3]), ("gaft", [1e-3]), ("salun", [1e-3]),
+                                         ("ssd", {"alpha": [2.0], "lambda": [1.0]})])
+def test_forgetting_baselines_lower_forget_accuracy(method, grid, digits_model, digits_trained):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    before = accuracies(digits_model, data, FORGET)
+    extra = {} if method == "ssd" else {"epochs": 3}
+    # the adapter object or the plain model: the same adapter either way
+    target = slug_fast.adapters.get_adapter(digits_model) if method == "ssd" else digits_model
+    result = run_baseline(method, target, forget, retain, criterion_for(data, FORGET), grid=grid,
+                          progress=False, **extra)
+    after = accuracies(digits_model, data, FORGET)  # apply=True: the model is left at the best setting
+    assert before["forget_top1"] > 50 and result.reached and result.applied
+    assert after["forget_top1"] == 0.0 and after == {k: result.best.metrics[k] for k in after}
+    assert result.seconds >= result.best.seconds > 0 and result.grid_seconds >= result.seconds
+    trace = result.best.trace
+    assert trace[-1].satisfied and not any(c.satisfied for c in trace[:-1])
+    json.dumps(result.to_dict())
+
+
+def test_ft_descends_the_retain_loss_and_keeps_the_concept(digits_model, digits_trained):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    before_loss = mean_loss(digits_model, retain, clip_retain_loss)
+    before = accuracies(digits_model, data, FORGET)
+    crit = criterion_for(data, FORGET)
+
+    def criterion(model):
+        done, metrics = crit(model)
+        return done, {**metrics, "retain_loss": mean_loss(model, retain, clip_retain_loss)}
+
+    result = run_baseline("ft", digits_model, forget, retain, criterion, grid=[1e-4], epochs=1, check_every=None,
+                          apply=False, progress=False)
+    record = result.settings[0]
+    assert record.steps == len(retain) and record.stopped == "budget" and len(record.trace) == 1
+    assert result.best is None and result.seconds is None and not result.applied
+    assert record.metrics["retain_loss"] < before_loss  # measured by the criterion on the fine-tuned weights
+    assert record.metrics["forget_top1"] > before["forget_top1"] - 20  # fine-tuning alone does not forget
+
+
+# ----------------------------------------------------------------------------- restore, grid, early stop
+def test_every_setting_starts_from_the_original_and_apply_false_restores(digits_model, digits_trained):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    original = params_of(digits_model)
+    opt = CountingAdam()
+    grid = [{"lr": 3e-4, "retain_weight": 1.0}, {"lr": 1e-3, "retain_weight": 0.5}, {"lr": 3e-4}]
+    result = run_baseline("gaft", digits_model, forget, retain, criterion_for(data, FORGET), grid=grid, epochs=2,
+                          optimizer=opt, apply=False, progress=False)
+    assert len(opt.starts) == 3
+    for start in opt.starts:  # bit-exact original weights at the start of each setting
+        assert all(torch.equal(s, original[n]) for s, n in zip(start, result.trained))
+    assert same_params(digits_model, original) and not result.applied
+    assert [s.hyper for s in result.settings] == [{"lr": 3e-4, "retain_weight": 1.0},
+                                                  {"lr": 1e-3, "retain_weight": 0.5},
+                                                  {"lr": 3e-4, "retain_weight": 1.0}]
+    first, third = result.settings[0], result.settings[2]  # same setting from the same start: same run
+    assert [c.losses for c in first.trace] == [c.losses for c in third.trace]
+    assert [c.metrics for c in first.trace] == [c.metrics for c in third.trace]
+    assert result.reached and result.state
+
+    applied = run_baseline("gaft", digits_model, forget, retain, criterion_for(data, FORGET), grid=grid, epochs=2,
+                           progress=False)
+    assert applied.best.hyper == result.best.hyper and applied.applied
+    expected = {**original, **applied.state}
+    assert same_params(digits_model, expected)
+    assert set(applied.state) == {n for n in original if not torch.equal(original[n], expected[n])}
+    reached = [s for s in applied.settings if s.reached]
+    top = max(s.utility for s in reached)
+    assert applied.best.utility == top
+    assert applied.best.steps == min(s.steps for s in reached if s.utility == top)
+    assert applied.grid_seconds >= sum(s.seconds for s in applied.settings)
+
+
+@pytest.mark.parametrize("check_every,flip_at", [(1, 5), (3, 5), (3, 7), (None, 6), (2, 1)])
+def test_early_stop_at_the_first_check_that_holds(check_every, flip_at, digits_model, digits_trained):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    per_epoch = len(forget)
+    opt = CountingAdam()
+
+    def flips(model):
+        return opt.steps >= flip_at, {"steps_seen": opt.steps}
+
+    result = run_baseline("ga", digits_model, forget, retain, flips, grid=[1e-5], epochs=4, check_every=check_every,
+                          optimizer=opt, apply=False, progress=False)
+    # oracle: checks at multiples of check_every and at epoch ends; stop at the first >= flip_at
+    checks = sorted({s for s in range(1, 4 * per_epoch + 1)
+                     if (check_every and s % check_every == 0) or s % per_epoch == 0})
+    stop = next(s for s in checks if s >= flip_at)
+    record = result.settings[0]
+    assert [c.step for c in record.trace] == [s for s in checks if s <= stop]
+    assert [c.satisfied for c in record.trace] == [s >= flip_at for s in checks if s <= stop]
+    assert record.steps == stop == opt.steps and record.stopped == "criterion" and record.reached
+    assert all(c.metrics["steps_seen"] == c.step for c in record.trace)
+    assert record.epochs == pytest.approx(stop / per_epoch, abs=1e-4)
+
+
+def test_no_setting_reaching_is_reported_and_changes_nothing(digits_model, digits_trained):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    original = params_of(digits_model)
+    result = run_baseline("ga", digits_model, forget, retain, lambda m: False, grid={"lr": [1e-5, 2e-5]}, epochs=1,
+                          check_every=2, progress=False)
+    assert result.best is None and result.seconds is None and result.state is None and not result.applied
+    assert [s.hyper["lr"] for s in result.settings] == [1e-5, 2e-5]
+    assert all(s.stopped == "budget" and s.steps == len(forget) for s in result.settings)
+    assert same_params(digits_model, original)
+
+
+def test_bad_input_is_refused(digits_model, digits_trained):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    crit = criterion_for(data, FORGET)
+    with pytest.raises(SlugError, match="unknown baseline 'esd'"):
+        run_baseline("esd", digits_model, forget, retain, crit)
+    with pytest.raises(SlugError, match="ga has no hyper-parameter 'alpha'"):
+        run_baseline("ga", digits_model, forget, retain, crit, grid=[{"alpha": 1.0}])
+    with pytest.raises(SlugError, match="the ga grid is empty"):
+        run_baseline("ga", digits_model, forget, retain, crit, grid=[])
+    with pytest.raises(SlugError, match="slug-authors has no grid"):
+        run_baseline("slug-authors", digits_model, forget, retain, crit, grid=[1.0])
+    with pytest.raises(SlugError, match="GAFT needs retain batches"):
+        run_baseline("gaft", digits_model, forget, None, crit)
+    with pytest.raises(SlugError, match="the forget set is empty"):
+        run_baseline("ga", digits_model, [], retain, crit)
+    assert set(METHODS) == set(DEFAULT_GRIDS)
+
+
+# ----------------------------------------------------------------------------- SalUn
+def brute_force_mask(grads, ratio):
+    """Top int(ratio * N) by |g|, ties to the earlier (tensor, flat index), by a full Python sort."""
+    entries = []
+    for t, (name, g) in enumerate(grads.items()):
+        for i, v in enumerate(g.abs().flatten().tolist()):
+            entries.append((-v, t, i, name))
+    entries.sort()
+    keep = {name: torch.zeros(g.numel(), dtype=torch.bool) for name, g in grads.items()}
+    for _, _, i, name in entries[:int(ratio * len(entries))]:
+        keep[name][i] = True
+    return {name: keep[name].view(g.shape) for name, g in grads.items()}
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.1, 0.0, 1.0, 0.37])
+@pytest.mark.parametrize("levels", [None, 3])
+def test_saliency_mask_keeps_exactly_the_top_fraction(ratio, levels, gen):
+    shapes = [(7, 5), (13,), (3, 4, 2), (1,)]
+    grads = {}
+    for k, shape in enumerate(shapes):
+        g = torch.randn(shape, generator=gen)
+        if levels:  # many ties, zeros and sign flips of equal magnitude
+            g = torch.randint(-levels, levels + 1, shape, generator=gen).float()
+        grads[f"t{k}"] = g
+    mask = saliency_mask(grads, ratio)
+    oracle = brute_force_mask(grads, ratio)
+    total = sum(g.numel() for g in grads.values())
+    assert sum(int(m.sum()) for m in mask.values()) == int(ratio * total)
+    for name in grads:
+        assert torch.equal(mask[name], oracle[name]), name
+
+
+def test_salun_moves_only_masked_weights(digits_model, digits_trained):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    original = params_of(digits_model)
+    # without the 49408-row token table, whose unused rows (most of its weights) have zero gradient,
+    # the top half by |g_f| leaves out weights the retain loss does move
+    names = [n for n in original if n != "token_embedding.weight"]
+    grads = slug_fast.compute_gradients(digits_model, forget, None, slug_fast.clip_forget_loss, params=names).forget
+    mask = saliency_mask(grads, 0.5)
+    opt = CountingAdam()
+    result = run_baseline("salun", digits_model, forget, retain, lambda m: opt.steps >= 3, grid=[1e-3],
+                          optimizer=opt, params=names, progress=False)
+    assert result.applied and result.best.steps == 3 and result.trained == names
+    assert result.details["masked_weights"] == sum(int(m.sum()) for m in mask.values())
+    moved_in = moved_out = 0
+    for n in names:
+        p = dict(digits_model.named_parameters())[n].detach()
+        moved_in += int((p != original[n])[mask[n]].sum())
+        moved_out += int((p != original[n])[~mask[n]].sum())
+    assert moved_out == 0 and moved_in > 0
+    # GAFT with the same setting moves weights outside the mask: the mask is what kept them
+    digits_model.load_state_dict(digits_trained[0])
+    run_baseline("gaft", digits_model, forget, retain, lambda m: True, grid=[1e-3], check_every=1,
+                 params=names, progress=False)
+    assert sum(int((dict(digits_model.named_parameters())[n].detach() != original[n])[~mask[n]].sum())
+               for n in names) > 0
+    assert torch.equal(dict(digits_model.named_parameters())["token_embedding.weight"],
+                       original["token_embedding.weight"])
+
+
+# ----------------------------------------------------------------------------- SSD
+def test_dampening_matches_elementwise_recomputation(gen):
+    shapes = {"w": (6, 5), "v": (17,), "scale": (1,)}
+    params = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    forget_imp = {n: torch.rand(s, generator=gen) * 3 for n, s in shapes.items()}
+    full_imp = {n: torch.rand(s, generator=gen) for n, s in shapes.items()}
+    forget_imp["w"][0, :3] = 0.0  # zero forget importance: never selected
+    full_imp["w"][1, :3] = 0.0  # zero full importance: selected, beta 0
+    for alpha, lam in [(1.0, 1.0), (2.0, 0.5), (0.5, 3.0), (10.0, 1.0)]:
+        work = {n: p.clone() for n, p in params.items()}
+        count = dampen(work, forget_imp, full_imp, alpha, lam)
+        expected_count = 0
+        for n, p in params.items():
+            flat_p, f, o = p.flatten().tolist(), forget_imp[n].flatten().tolist(), full_imp[n].flatten().tolist()
+            out = []
+            for x, fi, oi in zip(flat_p, f, o):
+                if p.numel() > 1 and fi > alpha * oi:
+                    expected_count += 1
+                    x = x * min(lam * oi / fi, 1.0)
+                out.append(x)
+            assert torch.allclose(work[n].flatten().double(), torch.tensor(out, dtype=torch.float64),
+                                  rtol=1e-6, atol=0), n
+        assert count == expected_count
+        assert torch.equal(work["scale"], params["scale"])  # single-element tensors are left alone
+
+
+def test_importance_is_the_mean_squared_per_batch_gradient(gen):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()
+    batches = [torch.randn(5, 4, generator=gen, dtype=torch.float64) for _ in range(3)]
+
+    def loss(m, x):
+        return m(x).square().mean()
+
+    names = [n for n, _ in model.named_parameters()]
+    got, count = importance(model, batches, loss, names)
+    assert count == 3
+    for n, p in model.named_parameters():
+        per_batch = [torch.autograd.grad(loss(model, x), p)[0] for x in batches]
+        expected = sum(g.square() for g in per_batch) / 3
+        assert torch.allclose(got[n].double(), expected, rtol=1e-5, atol=1e-12), n
+
+
+# ----------------------------------------------------------------------------- slug-authors
+def test_authors_pareto_and_stats_match_the_library(gen):
+    for levels in (None, 4):
+        a, m = random_points(60, gen, levels)
+        assert authors_pareto(a.tolist(), m.tolist()) == brute_force(a, m)
+    params = {f"l{i}": torch.randn(8, 5, generator=gen) for i in range(6)}
+    forget = {n: torch.randn(8, 5, generator=gen) for n in params}
+    retain = {n: torch.randn(8, 5, generator=gen) for n in params}
+    ours = slug_fast.layer_stats(params, forget, retain, backend="torch")
+    theirs = authors_stats(params, forget, retain)
+    assert torch.allclose(ours.importance, torch.tensor([theirs[n][2] for n in ours.names], dtype=torch.float64),
+                          rtol=1e-5)
+    assert torch.allclose(ours.alignment, torch.tensor([theirs[n][3] for n in ours.names], dtype=torch.float64),
+                          rtol=1e-5, atol=1e-7)
+
+
+def test_slug_authors_makes_unlearns_choice(digits_model, digits_trained):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    crit = criterion_for(data, FORGET)
+    original = params_of(digits_model)
+    ours = slug_fast.unlearn(digits_model, forget, retain, crit, apply=False, progress=False)
+    theirs = slug_authors(digits_model, forget, retain, crit, progress=False)
+    assert theirs.details["fronts"] == ours.fronts
+    assert [s.hyper["layers"] for s in theirs.settings] == [c.layers for c in ours.candidates]
+    for cand, setting in zip(ours.candidates, theirs.settings):
+        assert [e.satisfied for e in cand.search.trace] == [c.satisfied for c in setting.trace]
+        assert setting.details["start"] == pytest.approx(cand.search.start, rel=1e-5)
+        if cand.search.reached:
+            assert setting.details["step"] == pytest.approx(cand.search.step, rel=1e-5)
+            assert setting.utility == cand.utility
+    assert theirs.best.hyper["layers"] == ours.layers
+    assert theirs.best.details["step"] == pytest.approx(ours.step, rel=1e-5)
+    # applied: only the chosen layer changed, by step * g_f as unlearn's delta says
+    for n, p in digits_model.named_parameters():
+        if n in ours.layers:
+            assert torch.allclose(p.detach() - original[n], ours.delta[n], rtol=1e-4, atol=1e-6)
+        else:
+            assert torch.equal(p.detach(), original[n]), n
+    assert theirs.seconds == theirs.grid_seconds and theirs.applied
+
+
+def test_generic_module_and_non_finite_loss_stop_the_setting():
+    """Any nn.Module with losses; a loss that turns NaN ends the setting unreached and is restored."""
+    model = torch.nn.Linear(3, 1)
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+        model.bias.fill_(0.0)
+    original = params_of(model)
+    batches = [torch.ones(2, 3)] * 3
+
+    def forget_loss(m, x):  # ascent drives sum(w) through 0, after which log is NaN
+        return -torch.log(m.weight.sum())
+
+    def retain_loss(m, x):
+        return m(x).square().mean()
+
+    result = run_baseline("ga", model, batches, batches, lambda m: False, grid=[{"lr": 10.0}], epochs=2,
+                          check_every=1, optimizer="sgd", forget_loss=forget_loss, retain_loss=retain_loss,
+                          progress=False)
+    record = result.settings[0]
+    assert record.stopped == "non-finite" and not record.reached and record.trace[-1].metrics == {"non_finite": True}
+    assert record.steps == 2  # step 1 ends at sum(w) < 0, step 2's loss is NaN, its check stops the run
+    assert same_params(model, original) and result.best is None
+    modes = []
+    run_baseline("ga", model, batches, batches, lambda m: modes.append(m.training) or True, grid=[0.1],
+                 train_mode=True, forget_loss=forget_loss, retain_loss=retain_loss, apply=False, progress=False)
+    assert modes == [False] and model.training  # checks run in eval mode; the module's mode is restored
+    one_shot = run_baseline("ssd", model, batches, batches, lambda m: True, grid={"alpha": [0.0], "lambda": [0.5]},
+                            epochs=3, optimizer="sgd", forget_loss=forget_loss, retain_loss=retain_loss, apply=False,
+                            progress=False)
+    assert one_shot.options["ignored"] == ["epochs", "optimizer"] and one_shot.reached
