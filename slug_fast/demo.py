@@ -6,6 +6,7 @@ scikit-learn's digits (slug_fast.digits); nothing is downloaded.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,18 +49,60 @@ def accuracies(model, data: digits.DigitsData, label: int) -> dict:
             "retain_top1": pct(hit1[~is_forget]), "retain_top5": pct(hit5[~is_forget])}
 
 
-def run_demo(concept: str = DEFAULT_CONCEPT, out: str | Path | None = None, *, epochs: int | None = None,
-             seed: int = 0, strategy: str = "best", max_evals: int = 10, progress: bool | None = None) -> dict:
-    """Load the shipped mini-CLIP (or train one, given `epochs` or another `seed`), forget
-    `concept`, and return (and with `out`, write) the report.
+@dataclass
+class DemoTask:
+    """The demo's unlearning task, the same for SLUG and every baseline: the model, the data
+    split, forget/retain batches, the criterion and the measurements."""
 
-    Criterion: zero-shot top-1 on held-out images of the digit is 0; among layers
-    that reach it, the one keeping the most retain accuracy wins.
-    """
+    model: torch.nn.Module
+    data: digits.DigitsData
+    label: int
+    forget: list  # batches of the digit's training images with captions
+    retain: list  # batches of the other training images
+    source: dict  # where the model came from
+    load_seconds: float
+
+    @property
+    def concept(self) -> str:
+        return digits.DIGIT_NAMES[self.label]
+
+    def criterion(self, model) -> tuple[bool, dict]:
+        """Forgotten when held-out zero-shot top-1 on the digit is 0; utility = retain top-1."""
+        acc = accuracies(model, self.data, self.label)
+        return acc["forget_top1"] == 0.0, {**acc, "utility": acc["retain_top1"]}
+
+    def accuracies(self, model=None) -> dict:
+        return accuracies(self.model if model is None else model, self.data, self.label)
+
+    def mia(self, model=None) -> dict:
+        """Membership inference of the digit's training images vs its held-out ones (percent;
+        50 = indistinguishable), by loss and by image-text distance, as in the paper."""
+        from .adapters import get_adapter
+        from .eval.mia import clip_membership_inference
+
+        gen = torch.Generator().manual_seed(0)
+        pairs = []
+        for images, labels in ((self.data.train_images, self.data.train_labels),
+                               (self.data.test_images, self.data.test_labels)):
+            keep = labels == self.label
+            pairs.append(list(zip(images[keep], digits.captions_for(labels[keep], gen))))
+        adapter = get_adapter(self.model if model is None else model, tokenizer=digits.tokenize)
+        res = clip_membership_inference(adapter, pairs[0], pairs[1])
+        return {"loss": res["loss"].mean, "loss_std": res["loss"].std, "distance": res["distance"].mean,
+                "distance_std": res["distance"].std}
+
+    def similarity_sample(self, n: int = 10) -> list[tuple]:
+        """n held-out pairs of the digit and n of other digits, for the before/after similarity plot."""
+        gen = torch.Generator().manual_seed(1)
+        is_forget = self.data.test_labels == self.label
+        idx = torch.cat([is_forget.nonzero().flatten()[:n], (~is_forget).nonzero().flatten()[:n]])
+        return list(zip(self.data.test_images[idx], digits.captions_for(self.data.test_labels[idx], gen)))
+
+
+def demo_task(concept: str = DEFAULT_CONCEPT, *, epochs: int | None = None, seed: int = 0,
+              progress: bool | None = None) -> DemoTask:
+    """The demo task for `concept` on the shipped mini-CLIP (or one trained with `epochs` / `seed`)."""
     label = concept_label(concept)
-    out = Path(out) if out is not None else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise SlugError(f"--out {out} exists and is not a directory")
     t0 = time.perf_counter()
     data = digits.load_digits_data(seed)
     if epochs is None and seed == 0:
@@ -69,31 +112,52 @@ def run_demo(concept: str = DEFAULT_CONCEPT, out: str | Path | None = None, *, e
         model = digits.train_digits_clip(seed=seed, data=data, progress=bool(progress),
                                          **({} if epochs is None else {"epochs": epochs}))
         source = {"source": "trained", "epochs": epochs}
-    load_seconds = time.perf_counter() - t0
-
     is_forget = data.train_labels == label
     forget = pair_batches(data.train_images[is_forget], data.train_labels[is_forget], 32, seed)
     retain = pair_batches(data.train_images[~is_forget], data.train_labels[~is_forget], 64, seed + 1)
-    before = accuracies(model, data, label)
+    return DemoTask(model, data, label, forget, retain, source, time.perf_counter() - t0)
 
-    def criterion(m):
-        acc = accuracies(m, data, label)
-        return acc["forget_top1"] == 0.0, {**acc, "utility": acc["retain_top1"]}
 
-    result = unlearn(model, forget, retain, criterion, strategy=strategy, max_evals=max_evals,
+def run_demo(concept: str = DEFAULT_CONCEPT, out: str | Path | None = None, *, epochs: int | None = None,
+             seed: int = 0, strategy: str = "best", max_evals: int = 10, progress: bool | None = None) -> dict:
+    """Load the shipped mini-CLIP (or train one, given `epochs` or another `seed`), forget
+    `concept`, and return (and with `out`, write) the report.
+
+    Criterion: zero-shot top-1 on held-out images of the digit is 0; among layers
+    that reach it, the one keeping the most retain accuracy wins.
+    """
+    from .adapters import get_adapter
+    from .eval.similarity import SimilarityWatch
+
+    concept_label(concept)  # refuse a bad digit before loading anything
+    out = Path(out) if out is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise SlugError(f"--out {out} exists and is not a directory")
+    task = demo_task(concept, epochs=epochs, seed=seed, progress=progress)
+    before, mia_before = task.accuracies(), task.mia()
+    similarity = SimilarityWatch(get_adapter(task.model, tokenizer=digits.tokenize), task.similarity_sample())
+
+    result = unlearn(task.model, task.forget, task.retain, task.criterion, strategy=strategy, max_evals=max_evals,
                      progress=progress)
-    after = accuracies(model, data, label)
+    after, mia_after = task.accuracies(), task.mia()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    similarity_stats = similarity.finish(out / "similarity.png" if out is not None else None,
+                                         f"image-text similarity, forgetting {task.concept}")
     report = {
-        "concept": digits.DIGIT_NAMES[label],
+        "concept": task.concept,
         "layer": result.layers,
         "step": result.step,
         "forget": {"top1_before": before["forget_top1"], "top1_after": after["forget_top1"],
                    "top5_before": before["forget_top5"], "top5_after": after["forget_top5"]},
         "retain": {"top1_before": before["retain_top1"], "top1_after": after["retain_top1"]},
-        "seconds": {**{k: round(v, 4) for k, v in result.seconds.items()}, "model": round(load_seconds, 4)},
-        "model": {"name": "digits-mini-clip", "seed": seed, **source, "test_images": len(data.test_labels)},
+        "mia": {"before": mia_before["loss"], "after": mia_after["loss"],
+                "distance_before": mia_before["distance"], "distance_after": mia_after["distance"]},
+        "similarity": {k: v for k, v in similarity_stats.items() if k != "plot"},
+        "seconds": {**{k: round(v, 4) for k, v in result.seconds.items()}, "model": round(task.load_seconds, 4)},
+        "model": {"name": "digits-mini-clip", "seed": seed, **task.source, "test_images": len(task.data.test_labels)},
         "unlearn": result.to_dict(),
     }
     if out is not None:
-        report["files"] = write_outputs(out, report, result)
+        report["files"] = write_outputs(out, report, result, {"similarity": similarity_stats["plot"]})
     return report

@@ -53,7 +53,7 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
     or else on the forget images and the retain images that name another class.
     """
     from .eval.mia import clip_membership_inference
-    from .eval.similarity import plot_similarity, similarity_change, similarity_matrix
+    from .eval.similarity import SimilarityWatch
     from .eval.zero_shot import concept_criterion
     from .report import write_outputs
     from .unlearn import unlearn
@@ -84,7 +84,7 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
     criterion = concept_criterion(adapter, eval_images, eval_labels, names, concept, k=k)
     before = criterion(adapter.model)[1]
     sample = list(forget_pairs[:SIMILARITY_SAMPLE]) + list(retain_pairs[:SIMILARITY_SAMPLE])
-    sim_before = similarity_matrix(adapter, [im for im, _ in sample], [c for _, c in sample])
+    similarity = SimilarityWatch(adapter, sample)
     mia_before = clip_membership_inference(adapter, forget_pairs, held_out) if held_out else None
 
     forget = adapter.make_batches(forget_pairs, batch_size)
@@ -93,7 +93,8 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
                      progress=progress)
 
     after = criterion(adapter.model)[1]
-    sim_after = similarity_matrix(adapter, [im for im, _ in sample], [c for _, c in sample])
+    out.mkdir(parents=True, exist_ok=True)
+    similarity_stats = similarity.finish(out / "similarity.png", f"image-text similarity, forgetting {concept}")
     report = {
         "concept": concept,
         "model": {"name": model, "pretrained": pretrained, "adapter": adapter.name},
@@ -104,7 +105,7 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
                    for when, m in (("before", before), ("after", after))},
         "retain": {f"top{j}_{when}": m[f"others_top{j}"] for j in sorted({1, k})
                    for when, m in (("before", before), ("after", after))},
-        "similarity": similarity_change(sim_before, sim_after),
+        "similarity": similarity_stats,
         "data": {"forget_pairs": len(forget_pairs), "retain_pairs": len(retain_pairs),
                  "eval_images": len(eval_images), "skipped": {
                      "forget": forget_pairs.skip_counts(), "retain": retain_pairs.skip_counts()}},
@@ -115,10 +116,7 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
         mia_after = clip_membership_inference(adapter, forget_pairs, held_out)
         report["mia"] = {f"{kind}_{when}": res[kind].mean for kind in ("loss", "distance")
                          for when, res in (("before", mia_before), ("after", mia_after))}
-    out.mkdir(parents=True, exist_ok=True)
-    similarity_png = plot_similarity(out / "similarity.png", sim_before, sim_after, captions=[c for _, c in sample],
-                                     title=f"image-text similarity, forgetting {concept}")
-    report["files"] = write_outputs(out, report, result, {"similarity": str(similarity_png)})
+    report["files"] = write_outputs(out, report, result, {"similarity": similarity_stats["plot"]})
     return report
 
 

@@ -30,13 +30,14 @@ def test_demo_writes_a_report_and_a_delta(tmp_path):
     report = json.loads(out.stdout)
     assert report == json.loads((tmp_path / "o" / "report.json").read_text())
     written = sorted(p.name for p in (tmp_path / "o").iterdir())
-    assert written == ["delta", "pareto_text.png", "pareto_vision.png", "report.json", "report.md"]
+    assert written == ["delta", "pareto_text.png", "pareto_vision.png", "report.json", "report.md", "similarity.png"]
     assert (tmp_path / "o" / "pareto_vision.png").read_bytes()[:4] == b"\x89PNG"
     assert "| forget top1 |" in (tmp_path / "o" / "report.md").read_text()
     assert report["concept"] == "four" and report["forget"]["top1_after"] == 0.0
     assert report["forget"]["top1_before"] > 50
     assert set(report["forget"]) == {"top1_before", "top1_after", "top5_before", "top5_after"}
     assert set(report["retain"]) == {"top1_before", "top1_after"}
+    assert {"before", "after"} <= set(report["mia"]) and all(0 <= v <= 100 for v in report["mia"].values())
     assert {"gradients", "select", "search", "total"} <= set(report["seconds"])
     tensors, config = slug_fast.load_delta(tmp_path / "o" / "delta")
     assert list(tensors) == report["layer"] == config["layers"] and config["step"] == report["step"]

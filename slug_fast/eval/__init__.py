@@ -6,12 +6,12 @@
 - similarity: image-text cosine matrix, before/after numbers, a PNG plot.
 """
 from .mia import MIAResult, SampleScores, clip_membership_inference, clip_sample_scores, membership_inference
-from .similarity import plot_similarity, similarity_change, similarity_matrix
+from .similarity import SimilarityWatch, plot_similarity, similarity_change, similarity_matrix
 from .zero_shot import (IDENTITY_TEMPLATES, OBJECT_TEMPLATES, TowerCache, ZeroShotClassifier, concept_accuracy,
                         concept_criterion, encode_images, encode_texts, zero_shot_accuracy)
 
 __all__ = [
-    "IDENTITY_TEMPLATES", "MIAResult", "OBJECT_TEMPLATES", "SampleScores", "TowerCache", "ZeroShotClassifier",
+    "IDENTITY_TEMPLATES", "MIAResult", "OBJECT_TEMPLATES", "SampleScores", "SimilarityWatch", "TowerCache", "ZeroShotClassifier",
     "clip_membership_inference", "clip_sample_scores", "concept_accuracy", "concept_criterion", "encode_images",
     "encode_texts", "membership_inference", "plot_similarity", "similarity_change", "similarity_matrix",
     "zero_shot_accuracy",

@@ -104,3 +104,22 @@ def plot_similarity(path: str | os.PathLike, before: torch.Tensor, after: torch.
 
 def _short(text: str, width: int = 32) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
+
+
+class SimilarityWatch:
+    """The image-text similarity of a fixed sample of pairs, taken before an edit and compared after."""
+
+    def __init__(self, adapter, pairs: Sequence[tuple], batch_size: int = 64):
+        self.adapter = adapter
+        self.images = [im for im, _ in pairs]
+        self.captions = [c for _, c in pairs]
+        self.batch_size = batch_size
+        self.before = similarity_matrix(adapter, self.images, self.captions, batch_size)
+
+    def finish(self, path: str | os.PathLike | None = None, title: str | None = None) -> dict:
+        """similarity_change of before vs now, and with `path` the before/after plot written there."""
+        after = similarity_matrix(self.adapter, self.images, self.captions, self.batch_size)
+        out = similarity_change(self.before, after)
+        if path is not None:
+            out["plot"] = str(plot_similarity(path, self.before, after, captions=self.captions, title=title))
+        return out
