@@ -16,6 +16,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compare import METHODS as COMPARE_METHODS
     from .demo import DEFAULT_CONCEPT
 
     parser = _Parser(prog="slug-fast", description="Unlearn a concept by editing one layer once (SLUG).")
@@ -71,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, metavar="DIR", help="where to save the edited model")
     ap.add_argument("--no-verify-base", action="store_true",
                     help="apply even if the model's tensors are not the ones the delta was computed on")
+    cmp_ = sub.add_parser("compare", help="SLUG vs FT/GA/GAFT/SalUn/SSD and the authors' way on the demo task",
+                          description="Run SLUG, slug-authors and the baselines (each over its grid, early "
+                          "stopped) on the demo task, each in a fresh process; print the rows as JSON and, with "
+                          "--out, write compare.json, compare.md (every setting tried) and compare.png.")
+    cmp_.add_argument("--forget", default=DEFAULT_CONCEPT, metavar="DIGIT", help="digit to forget (default: "
+                      f"{DEFAULT_CONCEPT})")
+    cmp_.add_argument("--out", metavar="DIR", help="directory for compare.json, compare.md and compare.png")
+    cmp_.add_argument("--methods", default=",".join(COMPARE_METHODS),
+                      help=f"comma-separated subset of {','.join(COMPARE_METHODS)}")
+    cmp_.add_argument("--quiet", action="store_true", help="no progress lines")
     sub.add_parser("backends", help="which compute backends are usable here, as JSON")
     return parser
 
@@ -119,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                               strategy=args.strategy, tower=args.tower, max_evals=args.max_evals,
                               batch_size=args.batch_size, limit=args.limit, device=args.device,
                               progress=False if args.quiet else None)
+        elif args.command == "compare":
+            from .compare import run_compare
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            rows = run_compare(args.forget, args.out, methods=methods, progress=False if args.quiet else None)
+            out = [{k: v for k, v in r.items() if k != "tried"} for r in rows]
         elif args.command == "apply":
             from .job import run_apply
             out = run_apply(args.model, args.delta, args.out, pretrained=args.pretrained, device=args.device,

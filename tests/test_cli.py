@@ -73,3 +73,24 @@ def test_out_that_is_a_file_is_refused(tmp_path):
     out = run("demo", "--out", str(target), "--epochs", "1", module=True)
     assert out.returncode == 2 and "exists and is not a directory" in out.stderr
     assert target.read_text() == "keep me"
+
+
+def test_compare_writes_rows_for_each_method(tmp_path):
+    out = run("compare", "--forget", "2", "--methods", "slug,ga", "--out", str(tmp_path / "c"), "--quiet",
+              module=True)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert rows == json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert [r["method"] for r in rows] == ["slug", "ga"]
+    keys = {"method", "setting", "seconds", "grid_seconds", "peak_rss_mb", "forget_top1", "retain_top1", "mia"}
+    for r in rows:
+        assert keys <= set(r) and r["reached"] and r["forget_top1"] == 0.0
+        assert 0 < r["seconds"] <= r["grid_seconds"] and r["peak_rss_mb"] > 50
+    md = (tmp_path / "c" / "compare.md").read_text()
+    assert "## ga: every setting tried" in md and md.count("| lr=") >= 5  # GA's whole grid is listed
+    assert (tmp_path / "c" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_refuses_an_unknown_method(tmp_path):
+    out = run("compare", "--methods", "slug,magic", "--out", str(tmp_path / "c"), module=True)
+    assert out.returncode == 2 and "unknown method 'magic'" in out.stderr and not (tmp_path / "c").exists()
