@@ -16,8 +16,9 @@ from .adapters import Adapter, GenericAdapter, detect_adapter, get_adapter
 from .delta import save_delta, tensor_spec
 from .edit import LayerEdit
 from .errors import CriterionNotReached, SlugError
-from .gradients import Loss, compute_gradients
-from .pareto import NameRule, deepest, default_towers, group_of, is_eligible, pareto_front, split_towers
+from .gradients import Loss, compute_gradients, resolve_params
+from .pareto import (NameRule, deepest, default_towers, group_of, is_eligible, matches, pareto_front,
+                     split_towers)
 from .search import Evaluation, SearchResult, criterion_result, search_step, start_step
 from .stats import LayerStats, layer_stats
 
@@ -124,9 +125,18 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
         ad = get_adapter(model, adapter, **adapter_options)
     times = {}
     t0 = time.perf_counter()
+    names = resolve_params(ad.target, params if params is not None else ad.param_names())
+    rules = towers if towers is not None else (ad.towers or default_towers(names))
+    if tower is not None:
+        wanted = [tower] if isinstance(tower, str) else list(tower)
+        for t in wanted:
+            if t not in rules:
+                raise SlugError(f"tower {t!r} not found; towers: {list(rules)}")
+        rules = {t: rules[t] for t in wanted}
+        if params is None:  # only the chosen towers' gradients are needed: the rest are never computed
+            names = [n for n in names if any(matches(rule, n) for rule in rules.values())]
     grads = compute_gradients(ad.target, forget, retain, forget_loss or ad.forget_loss,
-                              retain_loss or ad.retain_loss,
-                              params=params if params is not None else ad.param_names(), progress=progress)
+                              retain_loss or ad.retain_loss, params=names, progress=progress)
     t1 = time.perf_counter()
     times["gradients"] = t1 - t0
 
@@ -137,14 +147,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     if not usable:
         raise SlugError("no eligible layer has a nonzero forget gradient; eligible layers have >= 2 dims "
                         "and none of bias/norm/embedding/position/logit_scale in their names")
-    rules = towers if towers is not None else (ad.towers or default_towers(usable))
     tower_names = split_towers(usable, rules)
-    if tower is not None:
-        wanted = [tower] if isinstance(tower, str) else list(tower)
-        for t in wanted:
-            if t not in tower_names:
-                raise SlugError(f"tower {t!r} not found; towers: {list(tower_names)}")
-        tower_names = {t: tower_names[t] for t in wanted}
     fronts: dict[str, list[str]] = {}
     for t, members in tower_names.items():
         idx = [stats.index(n) for n in members]

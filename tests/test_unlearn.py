@@ -101,6 +101,7 @@ def test_deepest_strategy_picks_the_deepest_front_layer(digits_model, digits_tra
     order = [n for n, _ in digits_model.named_parameters()]
     assert res.layers == [max(front, key=order.index)]
     assert list(res.fronts) == ["vision"] and len(res.candidates) == 1
+    assert all(n.startswith("visual.") for n in res.stats.names)  # the text tower was never differentiated
 
 
 def test_criterion_that_never_holds_changes_nothing(digits_model, digits_trained):
