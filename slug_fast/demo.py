@@ -5,6 +5,7 @@ scikit-learn's digits (slug_fast.digits); nothing is downloaded.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,19 @@ def pair_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, se
     return [(images[i:i + batch_size], tokens[i:i + batch_size]) for i in range(0, len(labels), batch_size)]
 
 
-def accuracies(model, data: digits.DigitsData, label: int) -> dict:
-    """Zero-shot accuracies (percent) on held-out images: of the forgotten digit, and of the rest."""
+@torch.no_grad()
+def accuracies(model, data: digits.DigitsData, label: int, text: torch.Tensor | None = None,
+               image: torch.Tensor | None = None) -> dict:
+    """Zero-shot accuracies (percent) on held-out images: of the forgotten digit, and of the rest.
+
+    `text` (class weights) and `image` (normalised test-image features) may come from caches.
+    """
     is_forget = data.test_labels == label
-    text = digits.class_text_features(model)
-    logits = digits.zero_shot_logits(model, data.test_images, text)
+    text = digits.class_text_features(model) if text is None else text
+    if image is None:
+        logits = digits.zero_shot_logits(model, data.test_images, text)
+    else:
+        logits = model.logit_scale.exp() * image @ text.T
     top5 = logits.topk(5, dim=-1).indices
     hit1 = top5[:, 0] == data.test_labels
     hit5 = (top5 == data.test_labels[:, None]).any(-1)
@@ -68,11 +77,30 @@ class DemoTask:
 
     def criterion(self, model) -> tuple[bool, dict]:
         """Forgotten when held-out zero-shot top-1 on the digit is 0; utility = retain top-1."""
-        acc = accuracies(model, self.data, self.label)
+        acc = self.accuracies(model)
         return acc["forget_top1"] == 0.0, {**acc, "utility": acc["retain_top1"]}
 
     def accuracies(self, model=None) -> dict:
-        return accuracies(self.model if model is None else model, self.data, self.label)
+        """accuracies() of `model` (default: the task's); for the task's own model the class weights
+        and image features are cached and recomputed only when their tower changed."""
+        if model is not None and model is not self.model:
+            return accuracies(model, self.data, self.label)
+        text, image = self._caches
+        return accuracies(self.model, self.data, self.label, text.get(), image.get())
+
+    @functools.cached_property
+    def _caches(self):
+        from .adapters import get_adapter
+        from .eval.zero_shot import TowerCache
+
+        adapter = get_adapter(self.model, tokenizer=digits.tokenize)
+
+        @torch.no_grad()
+        def images():
+            return torch.nn.functional.normalize(self.model.encode_image(self.data.test_images), dim=-1)
+
+        return (TowerCache(adapter, "text", lambda: digits.class_text_features(self.model)),
+                TowerCache(adapter, "vision", images))
 
     def mia(self, model=None) -> dict:
         """Membership inference of the digit's training images vs its held-out ones (percent;

@@ -78,6 +78,28 @@ class LayerEdit:
     def names(self) -> list[str]:
         return list(self._params)
 
+    @property
+    def active(self) -> bool:
+        """Whether the `with` block is open (theta0 is held)."""
+        return self._theta0 is not None
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """name -> the tensor being edited."""
+        return dict(self._params)
+
+    @property
+    def theta0(self) -> dict[str, torch.Tensor]:
+        """name -> the original values (read-only use; only inside the block)."""
+        if self._theta0 is None:
+            raise SlugError("LayerEdit.theta0 is only held inside its `with` block")
+        return dict(self._theta0)
+
+    @property
+    def directions(self) -> dict[str, torch.Tensor]:
+        """name -> the direction d of theta = theta0 + step * d."""
+        return dict(self._directions)
+
     def __enter__(self) -> "LayerEdit":
         if self._theta0 is not None:
             raise SlugError("this LayerEdit is already active; create a new one for another edit")

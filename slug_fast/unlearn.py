@@ -1,6 +1,7 @@
 """The facade: gradients -> layer statistics -> Pareto fronts -> step search -> one edit."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ from .adapters import Adapter, GenericAdapter, detect_adapter, get_adapter
 from .delta import save_delta, tensor_spec
 from .edit import LayerEdit
 from .errors import CriterionNotReached, SlugError
+from .fastsearch import upstream_replay
 from .gradients import Loss, compute_gradients, resolve_params
 from .pareto import (NameRule, deepest, default_towers, group_of, is_eligible, matches, pareto_front,
                      split_towers)
@@ -98,7 +100,8 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
             strategy: str = "best", eligible: Callable[[str, Sequence[int]], bool] = is_eligible,
             group: bool | None = None, max_evals: int = 10,
             utility: Callable[[object], float] | None = None, apply: bool = True,
-            progress: bool | None = None, backend: str = "auto", **adapter_options) -> UnlearnResult:
+            progress: bool | None = None, backend: str = "auto", cache: bool | str = True,
+            **adapter_options) -> UnlearnResult:
     """Unlearn with SLUG: edit one layer (or one HF q/k/v or fc1/fc2 group) once along g_f.
 
     model: an open_clip or Hugging Face CLIP model, a diffusers Stable Diffusion pipeline,
@@ -111,11 +114,16 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     criterion with the highest `utility(model)` (or metrics["utility"]; else the
     smallest relative change); "deepest" searches the deepest front layer of each
     tower. `tower` restricts the choice to some towers. With apply=False the model
-    is left unchanged and the result carries the delta.
+    is left unchanged and the result carries the delta. cache: each search evaluation
+    re-runs only what the edit can change (slug_fast.fastsearch.upstream_replay), bit-identical
+    to a plain one; "linear" also caches an edited Linear's products (equal within float32
+    rounding); False evaluates plainly.
     Raises CriterionNotReached (model untouched) when no candidate meets the criterion.
     """
     if strategy not in STRATEGIES:
         raise SlugError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if cache not in (True, False, "linear"):
+        raise SlugError(f"cache must be True, False or 'linear', got {cache!r}")
     if retain is None:
         raise SlugError("SLUG needs a retain set: pass retain batches (generic data to keep)")
     if adapter is None and detect_adapter(model) is None and not isinstance(model, Adapter):
@@ -171,7 +179,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     for t, layers in tqdm(picks, desc="step search", disable=None if progress is None else not progress,
                           leave=False):
         candidates.append(_search_layer(ad, t, layers, directions_of, stats, criterion, utility,
-                                        max_evals, backend))
+                                        max_evals, backend, cache))
     t3 = time.perf_counter()
     times["search"] = t3 - t2
 
@@ -218,7 +226,7 @@ def _scaled(direction: torch.Tensor, step: float, dtype: torch.dtype) -> torch.T
     return torch.tensor(step, dtype=compute, device=direction.device) * direction.to(compute)
 
 
-def _search_layer(ad, tower, layers, directions_of, stats, criterion, utility, max_evals, backend):
+def _search_layer(ad, tower, layers, directions_of, stats, criterion, utility, max_evals, backend, cache=True):
     rows = [stats.index(n) for n in layers]
     theta_norm = math.sqrt(float((stats.param_norm[rows] ** 2).sum()))
     grad_norm = math.sqrt(float((stats.forget_norm[rows] ** 2).sum()))
@@ -226,7 +234,8 @@ def _search_layer(ad, tower, layers, directions_of, stats, criterion, utility, m
     model = ad.model
 
     params, moves = _edit_inputs(ad.edit_params(layers), directions_of)
-    with LayerEdit(params, moves, backend) as edit:
+    with LayerEdit(params, moves, backend) as edit, \
+            (upstream_replay(ad.target, edit, linear=cache == "linear") if cache else contextlib.nullcontext()):
         def evaluate(step: float) -> tuple[bool, dict]:
             edit.step(step)
             return criterion_result(criterion(model))

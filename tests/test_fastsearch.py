@@ -1,0 +1,335 @@
+"""upstream_replay: search evaluations that re-run only what the edit changes, equal to plain ones.
+
+Features are compared bit for bit (torch.equal) wherever the computation is the same one: upstream
+replay returns outputs recorded from the very same computation, and everything from the edited
+block on is recomputed with the same weights. Where an edited nn.Linear runs as
+(W0 x + b) + lam * (G x) instead of (W0 + lam G) x + b, the sum is rounded in another order, so
+features are compared with allclose at float32 tolerance. Accuracies are compared exactly.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from test_adapters import word_tokenizer
+from test_unlearn import FORGET, criterion_for, sets
+
+import slug_fast
+from slug_fast import digits
+from slug_fast.adapters.hf_clip import HFClipAdapter
+from slug_fast.demo import accuracies
+from slug_fast.edit import LayerEdit
+from slug_fast.eval import concept_criterion
+from slug_fast.fastsearch import _Skipped, find_stacks, upstream_replay
+
+RTOL, ATOL = 1e-5, 1e-5  # float32, features of unit norm
+STEPS = (0.15, 0.4, 0.15, 0.8)  # a step met again: recorded products are reused
+
+
+def direction_for(param, seed):
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.randn(param.shape, generator=gen)
+    return d * (param.detach().norm() / d.norm())
+
+
+def hooks(model):
+    return [(name, list(m._forward_hooks), list(m._forward_pre_hooks)) for name, m in model.named_modules()]
+
+
+def no_patches(model):
+    return all("forward" not in m.__dict__ for m in model.modules())
+
+
+def check(got, want, exact):
+    if exact:
+        assert torch.equal(got, want)
+    else:
+        assert torch.allclose(got, want, rtol=RTOL, atol=ATOL), (got - want).abs().max()
+
+
+def run_steps(model, edit, evaluate, steps, **options):
+    """(plain results, replayed results, stats) of evaluate() at each step."""
+    plain = []
+    for s in steps:
+        edit.step(s)
+        plain.append(evaluate())
+    before = hooks(model)
+    with upstream_replay(model, edit, **options) as replay:
+        assert not no_patches(model)
+        got = []
+        for s in steps:
+            edit.step(s)
+            got.append(evaluate())
+        stats = replay.stats()
+    assert no_patches(model) and hooks(model) == before
+    return plain, got, stats
+
+
+# --------------------------------------------------------------------- open_clip (digits mini-CLIP)
+
+OPEN_CLIP_CASES = [  # (edited tensor, its forward is a Linear the replay caches)
+    ("visual.transformer.resblocks.0.mlp.c_fc.weight", True),  # first block, Linear
+    ("visual.transformer.resblocks.1.attn.in_proj_weight", False),  # last block, MHA in_proj
+    ("visual.transformer.resblocks.1.attn.out_proj.weight", False),  # MHA reads out_proj.weight itself
+    ("transformer.resblocks.1.mlp.c_proj.weight", True),  # text tower, last block
+    ("transformer.resblocks.0.attn.in_proj_weight", False),  # text tower, first block
+    ("visual.proj", False),  # after the whole vision stack
+]
+
+
+@pytest.mark.parametrize("linear", [True, False], ids=["linear", "exact"])
+@pytest.mark.parametrize("name,is_linear", OPEN_CLIP_CASES, ids=[c[0] for c in OPEN_CLIP_CASES])
+def test_open_clip_replay_equals_plain_evaluation(digits_model, digits_trained, name, is_linear, linear):
+    data, model = digits_trained[1], digits_model
+    criterion = criterion_for(data, FORGET)
+    param = dict(model.named_parameters())[name]
+
+    @torch.no_grad()
+    def evaluate():
+        return (criterion(model), model.encode_image(data.test_images), digits.class_text_features(model))
+
+    with LayerEdit(model, {name: direction_for(param, 0)}) as edit:
+        plain, got, stats = run_steps(model, edit, evaluate, STEPS, linear=linear)
+    exact = not (linear and is_linear)
+    assert {r[0][1]["forget_top1"] for r in plain} != {plain[0][0][1]["forget_top1"]} or \
+        {r[0][1]["retain_top1"] for r in plain} != {plain[0][0][1]["retain_top1"]}  # the steps matter
+    for (crit_p, img_p, txt_p), (crit_g, img_g, txt_g) in zip(plain, got):
+        assert crit_g == crit_p
+        check(img_g, img_p, exact)
+        check(txt_g, txt_p, exact)
+    tower = "visual.transformer.resblocks" if name.startswith("visual.") else "transformer.resblocks"
+    other = "transformer.resblocks" if tower.startswith("visual") else "visual.transformer.resblocks"
+    assert stats["stacks"][other]["boundary"] == 2 and stats["stacks"][other]["hits"] > 0  # the other tower
+    block = int(name.split("resblocks.")[1].split(".")[0]) if ".resblocks." in name else 2
+    if block:
+        assert stats["stacks"][tower]["boundary"] == block and stats["stacks"][tower]["hits"] > 0
+    else:
+        assert tower not in stats["stacks"]  # nothing upstream of block 0
+    assert stats["stems"]["token_embedding"]["hits"] > 0 and stats["stems"]["visual.conv1"]["hits"] > 0
+    cached = [n for n, s in stats["linears"].items() if s["hits"] > 0]
+    assert cached == ([name.rsplit(".", 1)[0]] if linear and is_linear else [])
+
+
+def test_demo_criterion_and_intermediates_are_exact(digits_model, digits_trained):
+    """The demo's criterion as is, and open_clip's forward_intermediates reading inside replayed blocks."""
+    data, model = digits_trained[1], digits_model
+    name = "visual.proj"
+    tokens = digits.tokenize(["the digit three", "handwritten seven"])
+
+    @torch.no_grad()
+    def evaluate():
+        inter = model.visual.forward_intermediates(data.test_images[:4], indices=[0, 1])
+        return accuracies(model, data, FORGET), list(inter["image_intermediates"]), model.encode_text(tokens)
+
+    with LayerEdit(model, {name: direction_for(model.visual.proj, 1)}) as edit:
+        plain, got, stats = run_steps(model, edit, evaluate, STEPS)
+    for p, g in zip(plain, got):
+        assert g[0] == p[0]
+        assert all(type(t) is torch.Tensor and torch.equal(t, u) for t, u in zip(g[1], p[1]))
+        assert torch.equal(g[2], p[2])
+    vision = stats["stacks"]["visual.transformer.resblocks"]
+    assert vision["hits"] > 0 and vision["materialized"] > 0  # block 0's output was read, so computed
+
+
+@pytest.mark.parametrize("linear", [True, False], ids=["linear", "exact"])
+def test_criterion_with_new_data_every_call_falls_back(digits_model, linear):
+    model = digits_model
+    name = "visual.transformer.resblocks.1.mlp.c_proj.weight"
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(8, 3, 8, 8, generator=gen) for _ in range(len(STEPS) * 2)]
+    same = torch.randn(8, 3, 8, 8, generator=gen)
+
+    def evaluate_with(batch_a, batch_b):
+        with torch.no_grad():
+            return model.encode_image(batch_a), model.encode_image(batch_b), model.encode_image(same)
+
+    with LayerEdit(model, {name: direction_for(model.visual.transformer.resblocks[1].mlp.c_proj.weight, 2)}) as edit:
+        plain = []
+        for i, s in enumerate(STEPS):
+            edit.step(s)
+            plain.append(evaluate_with(batches[2 * i], batches[2 * i + 1]))
+        with upstream_replay(model, edit, linear=linear) as replay:
+            for i, s in enumerate(STEPS):
+                edit.step(s)
+                got = evaluate_with(batches[2 * i], batches[2 * i + 1])
+                for g, p in zip(got, plain[i]):
+                    check(g, p, exact=not linear)
+                check(evaluate_with(batches[2 * i], same)[0], got[0], exact=not linear)  # again, another order
+            stats = replay.stats()
+    vision = stats["stacks"]["visual.transformer.resblocks"]
+    assert vision["misses"] >= 2 * len(STEPS) and vision["hits"] >= len(STEPS)  # new data missed, `same` hit
+    assert no_patches(model)
+
+
+def test_stack_whose_input_moves_stops_recording(digits_model, digits_trained):
+    """conv1 sits before the vision stack: every step changes its input, so replay turns itself off."""
+    data, model = digits_trained[1], digits_model
+    name = "visual.conv1.weight"
+    criterion = criterion_for(data, FORGET)
+    with LayerEdit(model, {name: direction_for(model.visual.conv1.weight, 4)}) as edit:
+        plain, got, stats = run_steps(model, edit, lambda: criterion(model), (0.1, 0.2, 0.3, 0.4, 0.5))
+    assert got == plain
+    vision = stats["stacks"]["visual.transformer.resblocks"]
+    assert vision["hits"] == 0 and vision["off"]
+    assert stats["stacks"]["transformer.resblocks"]["hits"] > 0
+
+
+def test_grad_mode_hooks_and_budget_run_uncached(digits_model):
+    model = digits_model
+    name = "visual.transformer.resblocks.1.mlp.c_fc.weight"
+    images = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    param = dict(model.named_parameters())[name]
+    seen = []
+    with LayerEdit(model, {name: direction_for(param, 6)}) as edit:
+        edit.step(0.3)
+        loss = model.encode_image(images).square().sum()
+        want_grad = torch.autograd.grad(loss, model.visual.conv1.weight)[0]
+        with torch.no_grad():
+            want = model.encode_image(images)
+        with upstream_replay(model, edit, linear=True) as replay:
+            for _ in range(2):  # grad mode: nothing replayed, gradients exact
+                loss = model.encode_image(images).square().sum()
+                assert torch.equal(torch.autograd.grad(loss, model.visual.conv1.weight)[0], want_grad)
+            hook = model.visual.transformer.resblocks[0].mlp.register_forward_hook(
+                lambda m, i, o: seen.append(o.clone()))
+            with torch.no_grad():  # a hook inside a replayed block must see every call
+                for _ in range(2):
+                    check(model.encode_image(images), want, exact=False)
+            hook.remove()
+            stats = replay.stats()
+        assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+        assert stats["stacks"]["visual.transformer.resblocks"]["hits"] == 0
+        assert stats["linears"][name[:-7]]["bypassed"] == 2
+        with upstream_replay(model, edit, linear=True, max_bytes=0) as replay, torch.no_grad():
+            for _ in range(2):
+                check(model.encode_image(images), want, exact=False)
+            assert replay.stats()["peak_bytes"] == 0
+    assert no_patches(model)
+
+
+def test_everything_is_restored_after_an_exception(digits_model):
+    model = digits_model
+    name = "transformer.resblocks.1.mlp.c_fc.weight"
+    forwards = {id(m): m.forward for m in model.modules()}
+    with pytest.raises(RuntimeError, match="criterion failed"):
+        with LayerEdit(model, {name: direction_for(dict(model.named_parameters())[name], 7)}) as edit, \
+                upstream_replay(model, edit):
+            edit.step(0.5)
+            assert not no_patches(model)
+            with torch.no_grad():
+                model.encode_text(digits.tokenize(["the digit three"]))
+            raise RuntimeError("criterion failed")
+    assert no_patches(model)
+    assert all(m.forward.__func__ is forwards[id(m)].__func__ for m in model.modules())
+    with pytest.raises(slug_fast.SlugError, match="active LayerEdit"):
+        upstream_replay(model, LayerEdit(model, {name: torch.zeros_like(dict(model.named_parameters())[name])}))
+
+
+# --------------------------------------------------------------------- Hugging Face CLIP
+
+def tiny_hf_clip3():
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+    cfg = CLIPConfig(text_config=dict(**layers, vocab_size=len(word_tokenizer()), max_position_embeddings=16,
+                                      pad_token_id=0, bos_token_id=2, eos_token_id=3),
+                     vision_config=dict(**layers, image_size=16, patch_size=4), projection_dim=16)
+    return CLIPModel(cfg).eval()
+
+
+QKV = [f"vision_model.encoder.layers.1.self_attn.{x}_proj.weight" for x in "qkv"]
+HF_CASES = [  # (edited tensors, whether they are Linears the replay caches)
+    (QKV, True),  # middle vision block, the q/k/v group
+    (["text_model.encoder.layers.2.mlp.fc1.weight", "text_model.encoder.layers.2.mlp.fc2.weight"], True),
+    (["vision_model.encoder.layers.0.self_attn.out_proj.weight"], True),  # first block
+    (["text_projection.weight"], True),  # after the whole text stack
+    (["vision_model.embeddings.patch_embedding.weight"], False),  # a conv before the stack
+]
+
+
+@pytest.mark.parametrize("names,is_linear", HF_CASES, ids=[c[0][0].rsplit(".", 2)[0] for c in HF_CASES])
+def test_hf_clip_replay_equals_plain_evaluation(names, is_linear):
+    model, tok = tiny_hf_clip3(), word_tokenizer()
+    adapter = HFClipAdapter(model, tokenizer=tok)
+    gen = torch.Generator().manual_seed(8)
+    images = torch.randn(24, 3, 16, 16, generator=gen)
+    labels = torch.arange(24) % 4
+    classes = ["cat", "dog", "car", "seven"]
+    criterion = concept_criterion(adapter, images, labels, classes, "cat", templates=("a photo of the {}", "{}"),
+                                  k=1, batch_size=10)
+    texts = tok(["a photo of the cat", "a dog", "two"], padding=True, return_tensors="pt")
+    params = dict(model.named_parameters())
+
+    @torch.no_grad()
+    def evaluate():
+        vision = model.vision_model(pixel_values=images[:5], output_hidden_states=True)
+        return (criterion(model), F.normalize(adapter.encode_pixels(model, images), dim=-1),
+                F.normalize(adapter.encode_tokens(model, texts), dim=-1), vision.pooler_output,
+                *vision.hidden_states)
+
+    directions = {n: direction_for(params[n], i) * 0.5 for i, n in enumerate(names)}
+    with LayerEdit(model, directions) as edit:
+        plain, got, stats = run_steps(model, edit, evaluate, STEPS, linear=True)
+    for p, g in zip(plain, got):
+        assert g[0] == p[0]
+        for t, u in zip(g[1:], p[1:]):
+            check(t, u, exact=not is_linear)  # hidden states of replayed blocks are computed when read
+    assert not torch.equal(plain[0][1], plain[1][1]) or not torch.equal(plain[0][2], plain[1][2])  # steps matter
+    assert all(s["hits"] > 0 for s in stats["stacks"].values() if not s["off"])
+    if is_linear:
+        assert {n.rsplit(".", 1)[0] for n in names} == set(stats["linears"])
+        assert stats["linears"][names[0].rsplit(".", 1)[0]]["hits"] > 0
+    assert no_patches(model)
+
+
+def test_hf_clip_stacks_and_boundaries():
+    model = tiny_hf_clip3()
+    assert [n for n, _ in find_stacks(model)] == ["text_model.encoder.layers", "vision_model.encoder.layers"]
+    qkv = {n: torch.zeros_like(p) for n, p in model.named_parameters() if n in QKV}
+    with LayerEdit(model, qkv) as edit, upstream_replay(model, edit) as replay:
+        assert {s.name: s.boundary for s in replay.stacks} == {"text_model.encoder.layers": 3,
+                                                               "vision_model.encoder.layers": 1}
+        assert [s.name for s in replay.stems] == [
+            "text_model.embeddings", "text_model.final_layer_norm", "vision_model.embeddings",
+            "vision_model.pre_layrnorm", "vision_model.post_layernorm", "visual_projection", "text_projection"]
+        with torch.no_grad():
+            hidden = model.vision_model(pixel_values=torch.zeros(1, 3, 16, 16), output_hidden_states=True)
+        assert not any(isinstance(h, _Skipped) for h in hidden.hidden_states)
+
+
+# --------------------------------------------------------------------- unlearn
+
+def test_unlearn_with_and_without_cache_choose_the_same(digits_model, digits_trained):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    runs = {cache: slug_fast.unlearn(digits_model, forget, retain, criterion_for(data, FORGET), apply=False,
+                                     progress=False, cache=cache)
+            for cache in (True, "linear", False)}
+    off = runs[False]
+    for on in (runs[True], runs["linear"]):
+        assert on.layers == off.layers and on.step == off.step
+        assert [(c.layers, c.search.step, c.utility) for c in on.candidates] == \
+            [(c.layers, c.search.step, c.utility) for c in off.candidates]
+        for a, b in zip(on.candidates, off.candidates):
+            assert [(e.step, e.satisfied, e.metrics) for e in a.search.trace] == \
+                [(e.step, e.satisfied, e.metrics) for e in b.search.trace]
+    assert no_patches(digits_model)
+    with pytest.raises(slug_fast.SlugError, match="cache must be"):
+        slug_fast.unlearn(digits_model, forget, retain, criterion_for(data, FORGET), cache="fast", progress=False)
+
+
+# --------------------------------------------------------------------- any Sequential
+
+def test_plain_sequential_with_changing_widths_and_a_watching_hook():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 4), torch.nn.Linear(4, 3)).eval()
+    x = torch.randn(5, 8)
+    seen = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append(o.sum().item()))  # reads a replayed output
+    name = "4.weight"
+    with LayerEdit(model, {name: direction_for(model[4].weight, 9)}) as edit:
+        plain, got, stats = run_steps(model, edit, torch.no_grad()(lambda: model(x)), STEPS, linear=False)
+    assert all(torch.equal(g, p) for g, p in zip(got, plain))
+    assert len(set(seen)) == 1 and len(seen) == 2 * len(STEPS)  # the hook saw the true value every call
+    stack = stats["stacks"][""]
+    assert stack["boundary"] == 4 and stack["hits"] == len(STEPS) - 1 and stack["materialized"] > 0
