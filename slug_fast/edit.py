@@ -116,9 +116,20 @@ class LayerEdit:
         if not torch.isfinite(torch.tensor(step)):
             raise SlugError(f"step must be finite, got {step}")
         with torch.no_grad():
+            by_device: dict[torch.device, list[str]] = {}
             for name, p in self._params.items():
-                self.used_backend = axpy(p.data, self._theta0[name], self._directions[name], step,
-                                         self.backend)
+                by_device.setdefault(p.device, []).append(name)
+            for device, names in by_device.items():
+                tensors = [(self._params[n].data, self._theta0[n], self._directions[n]) for n in names]
+                contiguous = all(t.is_contiguous() for triple in tensors for t in triple)
+                if contiguous and _backends.choose("axpy", device, self.backend) == "triton":
+                    # a grouped edit (HF q/k/v) in one launch
+                    _backends.module("triton").axpy_many(*map(list, zip(*tensors)), step)
+                    self.used_backend = "triton"
+                else:
+                    for out, base, direction in tensors:
+                        self.used_backend = axpy(out, base, direction, step, self.backend)
+            for p in self._params.values():
                 # the kernels write through data pointers: tell autograd the tensor changed
                 torch.autograd.graph.increment_version(p)
         self.current_step = step

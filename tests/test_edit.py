@@ -148,3 +148,23 @@ def test_bad_directions_are_refused_and_nothing_changes(gen):
         with pytest.raises(SlugError, match="step must be finite"):
             edit.step(float("inf"))
     assert all(torch.equal(snapshot(model)[n], before[n]) for n in before)
+
+
+@pytest.mark.parametrize("backend", available(["triton"]))
+def test_grouped_update_in_one_launch_matches_the_reference(backend, gen):
+    from slug_fast import kernels
+
+    dev = device_for(backend)
+    shapes = [(65, 33), (3,), (1,), (129, 7), (0,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.float32]
+    bases = [(torch.randn(s, generator=gen, dtype=torch.float64) * 3).to(dev, dt) for s, dt in zip(shapes, dtypes)]
+    dirs = [torch.randn(s, generator=gen).to(dev, dt if i % 2 else torch.float32)
+            for i, (s, dt) in enumerate(zip(shapes, dtypes))]
+    outs = [torch.empty_like(b) for b in bases]
+    kernels.axpy_many(outs, bases, dirs, 0.61)
+    for out, base, d in zip(outs, bases, dirs):
+        ref = torch.empty_like(base)
+        axpy_reference(ref, base, d, 0.61)
+        assert same_bits(out.cpu(), ref.cpu())
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.axpy_many([outs[0].T], [bases[0].T], [dirs[0].T], 1.0)

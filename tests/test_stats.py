@@ -156,3 +156,13 @@ def test_non_contiguous_gradients_are_handled(gen):
     stats = slug_fast.layer_stats({"w": p.T}, {"w": f.T}, {"w": r.T})
     o = oracle(p, f, r)
     assert stats.dot[0].item() == pytest.approx(o["fr"], abs=1e-5 * o["abs_fr"])
+
+
+@pytest.mark.parametrize("backend", available(["triton"]))
+def test_triton_kernel_refuses_non_contiguous_tensors(backend):
+    from slug_fast import kernels
+
+    dev = device_for(backend)
+    p = torch.randn(8, 6, device=dev)
+    with pytest.raises(ValueError, match="layer 0: the forget gradient tensor is not contiguous"):
+        kernels.layer_sums([p], [p.T.contiguous().T], None)
