@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--max-evals", type=_positive_int, default=10, help="step-search budget per layer (10)")
     un.add_argument("--batch-size", type=_positive_int, default=32, help="pairs per gradient batch (32)")
     un.add_argument("--limit", type=_positive_int, help="read at most this many pairs from each source")
+    un.add_argument("--memory-budget", metavar="SIZE", type=_budget,
+                    help="memory SLUG may use above the loaded model: bytes, '12GB', '512MiB', or '0.5x' the "
+                    "weights; the gradient pass then runs in as few passes as fit (default: no limit)")
+    un.add_argument("--checkpointing", action="store_true",
+                    help="recompute activations in backward (less memory, about one more forward)")
     un.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     un.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -105,6 +110,15 @@ def _before_after(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _budget(text: str):
+    from .memory import parse_budget
+
+    try:
+        return parse_budget(text)
+    except SlugError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -129,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                               class_names=args.class_names, aliases=tuple(args.alias), k=args.top_k,
                               strategy=args.strategy, tower=args.tower, max_evals=args.max_evals,
                               batch_size=args.batch_size, limit=args.limit, device=args.device,
+                              memory_budget=args.memory_budget, checkpointing=args.checkpointing,
                               progress=False if args.quiet else None)
         elif args.command == "compare":
             from .compare import run_compare

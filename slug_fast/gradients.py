@@ -1,38 +1,28 @@
-"""The gradient pass: g_f and g_r, each the mean of its per-batch gradients at theta0."""
+"""The gradient pass: g_f and g_r, each the mean of its per-batch gradients at theta0.
+
+`GradientPass` runs the forget and retain sets through a model with a chosen subset of
+parameters requiring grad; post-accumulate-grad hooks hand each layer's gradient to a
+running sum the moment autograd finishes it, so no second copy of all gradients ever
+exists. Where the sums live and how many passes run is the gradient store's business
+(slug_fast.stores); `compute_gradients` is the entry point.
+"""
 from __future__ import annotations
 
+import contextlib
+import itertools
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import torch
+from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from .errors import NonFiniteError, SlugError, unknown_name
 
 Loss = Callable[[torch.nn.Module, object], torch.Tensor]
-
-
-class Gradients:
-    """Forget and retain gradients of a set of parameters, and the depth order seen in backward.
-
-    Callers read gradients only through `forget`, `retain` and `names`, so a later
-    low-memory store (streamed, offloaded, sketched) can replace these two full copies.
-    """
-
-    def __init__(self, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor] | None,
-                 depth_order: list[str], n_forget_batches: int, n_retain_batches: int):
-        self.forget = forget
-        self.retain = retain
-        self.depth_order = depth_order
-        self.n_forget_batches = n_forget_batches
-        self.n_retain_batches = n_retain_batches
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.forget)
-
-    def nbytes(self) -> int:
-        stores = [self.forget] + ([self.retain] if self.retain is not None else [])
-        return sum(t.numel() * t.element_size() for s in stores for t in s.values())
+SETS = ("forget", "retain")
 
 
 def resolve_params(model: torch.nn.Module, params: Sequence[str] | None) -> list[str]:
@@ -52,10 +42,388 @@ def resolve_params(model: torch.nn.Module, params: Sequence[str] | None) -> list
     return [n for n in named if n in wanted]
 
 
+def sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-batch gradients are summed in: float32 for 16-bit tensors, else their own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class Sums:
+    """Running sums of one set's per-batch gradients, one per layer, on the layers' device.
+
+    The first batch's gradient becomes the sum itself (float32 and float64 layers keep
+    autograd's own buffer, 16-bit ones a float32 copy) and later ones are added in place:
+    the order and rounding of autograd's own accumulation, bit for bit.
+    """
+
+    def __init__(self, params: Mapping[str, torch.nn.Parameter]):
+        self.params = dict(params)
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        acc = self.sums.get(name)
+        if acc is None:
+            self.sums[name] = grad.to(sum_dtype(grad.dtype))
+        else:
+            acc.add_(grad)
+
+    def end_batch(self) -> None:
+        """Called once a batch's backward has returned."""
+
+    def means(self, count: int) -> dict[str, torch.Tensor]:
+        """sum / count in each layer's dtype (zeros where the loss never reached it); the
+        sums are released one layer at a time as their means are made."""
+        out = {}
+        for name, p in self.params.items():
+            acc = self.sums.pop(name, None)
+            if acc is None:
+                out[name] = torch.zeros_like(p, memory_format=torch.contiguous_format,
+                                             device=self._home(p)).detach()
+            else:
+                out[name] = acc.div_(count).to(p.dtype).detach()
+        return out
+
+    def _home(self, p: torch.Tensor) -> torch.device:
+        return p.device
+
+
+class HostSums(Sums):
+    """Running sums in host memory for a model on a GPU (the offload store).
+
+    Each batch's gradient of a layer is copied off the device into a pinned buffer
+    (non-blocking) the moment autograd finishes it, and the device copy is dropped; once
+    the batch's backward has returned, the buffers are added to the sums on the host.
+    Float32 additions and the final division are exactly rounded on either side, so the
+    means equal the device sums' bit for bit.
+    """
+
+    def __init__(self, params: Mapping[str, torch.nn.Parameter]):
+        super().__init__(params)
+        devices = {p.device.type for p in self.params.values()}
+        self.pin = "cuda" in devices and torch.cuda.is_available()
+        self.staging: dict[str, torch.Tensor] = {}
+        self.pending: list[str] = []
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        buf = self.staging.get(name)
+        if buf is None:
+            buf = self.staging[name] = torch.empty(grad.shape, dtype=grad.dtype, pin_memory=self.pin)
+        buf.copy_(grad, non_blocking=self.pin)
+        self.pending.append(name)
+
+    def end_batch(self) -> None:
+        if self.pending and self.pin:
+            torch.cuda.synchronize()  # every copy of this batch has landed
+        for name in self.pending:
+            buf = self.staging[name]
+            acc = self.sums.get(name)
+            if acc is not None:
+                acc.add_(buf)
+            elif sum_dtype(buf.dtype) == buf.dtype:
+                self.sums[name] = self.staging.pop(name)  # the buffer becomes the sum
+            else:
+                self.sums[name] = buf.to(sum_dtype(buf.dtype))
+        self.pending = []
+
+    def means(self, count: int) -> dict[str, torch.Tensor]:
+        self.staging.clear()
+        return super().means(count)
+
+    def _home(self, p: torch.Tensor) -> torch.device:
+        return torch.device("cpu")
+
+
+def _deliver(sums: Sums, name: str, p: torch.nn.Parameter) -> None:
+    sums.add(name, p.grad)
+    p.grad = None
+
+
+def forward_use_order(loss: torch.Tensor, params: Mapping[str, torch.nn.Parameter]) -> list[str]:
+    """Names of `params` from input to output: ordered by the forward position (autograd
+    sequence number) of the first graph node that consumes each; those `loss` never
+    reaches come first. Read off the graph, so it costs no backward."""
+    position = {id(p): i for i, p in enumerate(params.values())}
+    names = list(params)
+    first: dict[int, int] = {}
+    if loss.grad_fn is not None:
+        seen = {loss.grad_fn}
+        stack = [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            seq = node._sequence_nr()
+            for child, _ in node.next_functions:
+                if child is None:
+                    continue
+                variable = getattr(child, "variable", None)
+                if variable is not None:
+                    i = position.get(id(variable))
+                    if i is not None and seq < first.get(i, math.inf):
+                        first[i] = seq
+                elif child not in seen:
+                    seen.add(child)
+                    stack.append(child)
+    unreached = [n for i, n in enumerate(names) if i not in first]
+    return unreached + [names[i] for i in sorted(first, key=lambda i: (first[i], i))]
+
+
+def _fingerprint(batch) -> tuple:
+    """Shapes, dtypes and a hash of every tensor in a batch (to see a set change between passes)."""
+    out = []
+    for leaf in tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach()
+            if hasattr(torch, "hash_tensor") and t.numel():  # xor of the elements' bits
+                digest = int(torch.hash_tensor(t.reshape(-1)).view(torch.int64))
+            else:
+                digest = float(t.double().sum())
+            out.append((tuple(t.shape), t.dtype, digest))
+        elif isinstance(leaf, (str, int, float, bool)) or leaf is None:
+            out.append(leaf)
+    return tuple(out)
+
+
+@dataclass
+class Probe:
+    """What one forward of the first forget batch shows before any pass: the parameters'
+    forward use order and the bytes its graph keeps for backward."""
+
+    use_order: list[str]
+    activation_bytes: int
+    largest_activation: int
+
+
+class GradientPass:
+    """Runs the forget and retain sets through `model`, differentiating some of `names` each run.
+
+    Every run sets the model's mode (eval unless train_mode), lets exactly `names` require
+    grad whichever group the run differentiates (so every run records the same forward:
+    torch.matmul, for one, folds batch dimensions only for a weight that requires grad),
+    and backward is restricted to the group with `backward(inputs=...)`, which prunes the
+    graph: it stops at the group's shallowest layer and skips every other weight gradient.
+    nn.MultiheadAttention's fast path is off (eval-mode attention takes it where no
+    parameter needs a gradient, with results that differ in the last bits), `checkpointing`
+    (a context manager factory: the adapter's activation checkpointing) is entered, and all
+    of it is restored afterwards. With `repeats`, the sets must be re-iterable and are
+    checked to be the same each run.
+    """
+
+    def __init__(self, model: torch.nn.Module, forget_batches: Iterable, retain_batches: Iterable | None,
+                 forget_loss: Loss, retain_loss: Loss | None, names: Sequence[str], *, train_mode: bool = False,
+                 progress: bool | None = None, checkpointing: Callable[[], contextlib.AbstractContextManager] | None
+                 = None, repeats: bool = False):
+        self.model = model
+        self.named = dict(model.named_parameters())
+        self.names = list(names)
+        self.sets = {"forget": forget_batches, "retain": retain_batches}
+        self.losses = {"forget": forget_loss, "retain": retain_loss or forget_loss}
+        self.train_mode, self.progress, self.checkpointing = train_mode, progress, checkpointing
+        self.repeats = repeats
+        self.counts: dict[str, int] = {}
+        self.fingerprints: dict[str, list] = {}
+        self.depth_order: list[str] | None = None
+        self.runs = 0
+        self.versions: list[int] = []
+        if repeats:
+            for which, batches in self.sets.items():
+                if batches is not None and iter(batches) is batches:
+                    raise SlugError(f"the {which} batches are a one-shot iterator, but this gradient store reads "
+                                    "each set once per pass: pass a list of batches or a re-iterable such as a "
+                                    "DataLoader")
+
+    @property
+    def has_retain(self) -> bool:
+        return self.sets["retain"] is not None
+
+    def params(self, names: Iterable[str]) -> dict[str, torch.nn.Parameter]:
+        return {n: self.named[n] for n in names}
+
+    @contextlib.contextmanager
+    def prepared(self):
+        model = self.model
+        wanted = set(self.names)
+        modes = {m: m.training for m in model.modules()}
+        flags = {n: p.requires_grad for n, p in self.named.items()}
+        old_grads = {n: p.grad for n, p in self.named.items()}
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        try:
+            model.train(self.train_mode)
+            for n, p in self.named.items():
+                p.requires_grad_(n in wanted)
+                p.grad = None
+            torch.backends.mha.set_fastpath_enabled(False)
+            with (self.checkpointing() if self.checkpointing is not None else contextlib.nullcontext()):
+                yield
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+            for n, p in self.named.items():
+                p.requires_grad_(flags[n])
+                p.grad = old_grads[n]
+            for m, mode in modes.items():
+                m.training = mode
+
+    def check_unchanged(self) -> None:
+        """Refuse to run again once a differentiated tensor changed since the first run."""
+        now = [self.named[n]._version for n in self.names]
+        if self.versions and now != self.versions:
+            raise SlugError("the model's parameters changed since the gradient pass began; recompute the gradients "
+                            "(compute_gradients / unlearn) instead of reading them from an earlier pass")
+        self.versions = now
+
+    def run(self, sinks: Mapping[str, Sums], *, order: bool = False) -> None:
+        """One pass: each set named in `sinks` through the model, the per-batch gradients of
+        the layers of that set's sums handed to them. `order` records the forward use order
+        on the first forget batch."""
+        self.check_unchanged()
+        with self.prepared():
+            for which, sums in sinks.items():
+                self._run_set(which, sums, order and which == "forget")
+        self.runs += 1
+
+    def _run_set(self, which: str, sums: Sums, order: bool) -> None:
+        params = sums.params
+        inputs = None if len(params) == len(self.names) else list(params.values())
+        hooks = [p.register_post_accumulate_grad_hook(partial(_deliver, sums, n)) for n, p in params.items()]
+        batches = self.sets[which]
+        loss_fn = self.losses[which]
+        seen = self.fingerprints.get(which)
+        record = self.repeats and seen is None
+        prints = []
+        count = 0
+        try:
+            total = len(batches) if hasattr(batches, "__len__") else None
+            for batch in tqdm(batches, total=total, desc=f"{which} gradients",
+                              disable=None if self.progress is None else not self.progress, leave=False):
+                if self.repeats:
+                    fp = _fingerprint(batch)
+                    if record:
+                        prints.append(fp)
+                    elif count >= len(seen):
+                        raise SlugError(f"the {which} set had {len(seen)} batches in the first pass and more now; "
+                                        "it must be the same every pass")
+                    elif fp != seen[count]:
+                        raise SlugError(f"the {which} batches differ from the first pass at batch {count}; this "
+                                        "gradient store reads each set once per pass, so they must be the same "
+                                        "every time: a list of batches, or a DataLoader without shuffling or "
+                                        "random augmentation")
+                loss = _checked_loss(loss_fn(self.model, batch), which, count)
+                if order and count == 0:
+                    self.depth_order = forward_use_order(loss, self.params(self.names))
+                loss.backward(inputs=inputs)
+                sums.end_batch()
+                count += 1
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for p in params.values():
+                p.grad = None
+        if count == 0:
+            raise SlugError(f"the {which} set is empty: pass at least one batch")
+        if record:
+            self.fingerprints[which] = prints
+        elif self.repeats and count != len(seen):
+            raise SlugError(f"the {which} set had {len(seen)} batches in the first pass and {count} now; "
+                            "it must be the same every pass")
+        self.counts[which] = count
+
+    def probe(self) -> Probe:
+        """One forward of the first forget batch with every layer requiring grad, its graph
+        then dropped unused: the forward use order, and the bytes held for backward (tensors
+        saved by autograd that are neither parameters nor the batch itself, or the growth in
+        memory while the graph is alive, whichever is larger: checkpointed regions save their
+        inputs outside autograd's hooks)."""
+        from .memory import in_use
+
+        batches = self.sets["forget"]
+        rest = iter(batches)
+        batch = next(rest, None)
+        if batch is None:
+            raise SlugError("the forget set is empty: pass at least one batch")
+        if rest is batches:  # a one-shot iterator: put the batch back in front
+            self.sets["forget"] = itertools.chain([batch], rest)
+        params = self.params(self.names)
+        skip = {t.untyped_storage().data_ptr() for t in self.named.values()}
+        skip |= {t.untyped_storage().data_ptr() for t in tree_leaves(batch) if isinstance(t, torch.Tensor)}
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor):
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in skip:
+                saved[ptr] = storage.nbytes()
+            # detached: a saved output that kept its own grad_fn would make a reference cycle
+            # through C++ that the garbage collector cannot break (the graph would leak)
+            return t.detach()
+
+        device = next(iter(params.values())).device
+        with self.prepared():
+            before = in_use(device)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = _checked_loss(self.losses["forget"](self.model, batch), "forget", 0)
+            grown = in_use(device) - before
+            order = forward_use_order(loss, params)
+            del loss
+        self.depth_order = order
+        return Probe(order, max(sum(saved.values()), grown), max(saved.values(), default=0))
+
+
+def _checked_loss(loss, which: str, count: int) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise SlugError(f"{which} loss must return a scalar tensor, got {got}")
+    if not loss.requires_grad:
+        raise SlugError(f"{which} loss does not depend on the chosen parameters "
+                        "(it has no grad_fn); check params= and the loss function")
+    if not bool(torch.isfinite(loss.detach())):
+        raise NonFiniteError(f"{which} loss is {loss.item()} at batch {count}; "
+                             "the gradients would not be finite")
+    return loss
+
+
+class Gradients:
+    """The outcome of a gradient pass, read through its store.
+
+    `layer_stats()` gives every layer's statistics and `directions(names)` the forget
+    gradients of a few layers, whatever the store; `forget` and `retain` (name -> tensor)
+    exist only for the full store, which holds every gradient at once.
+    depth_order lists the layers from input to output (forward use on the first forget batch).
+    """
+
+    def __init__(self, store, run: GradientPass):
+        self.store = store
+        self.names = list(run.names)
+        self.depth_order = list(run.depth_order or self.names)
+        self.n_forget_batches = run.counts.get("forget", 0)
+        self.n_retain_batches = run.counts.get("retain", 0)
+
+    @property
+    def mode(self) -> str:
+        return self.store.mode
+
+    @property
+    def forget(self) -> dict[str, torch.Tensor]:
+        return self.store.all_gradients("forget")
+
+    @property
+    def retain(self) -> dict[str, torch.Tensor] | None:
+        return self.store.all_gradients("retain")
+
+    def layer_stats(self, backend: str = "auto"):
+        """LayerStats of every differentiated layer, in `names` order."""
+        return self.store.layer_stats(backend)
+
+    def directions(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Forget gradients (each layer's dtype) of `names`."""
+        return self.store.directions(list(names))
+
+    def nbytes(self) -> int:
+        """Bytes of gradients the store holds now."""
+        return self.store.nbytes()
+
+
 def compute_gradients(model: torch.nn.Module, forget_batches: Iterable, retain_batches: Iterable | None,
                       forget_loss: Loss, retain_loss: Loss | None = None, *,
                       params: Sequence[str] | None = None, train_mode: bool = False,
-                      progress: bool | None = None) -> Gradients:
+                      progress: bool | None = None, store="full",
+                      checkpointing: Callable[[], contextlib.AbstractContextManager] | None = None) -> Gradients:
     """Mean per-batch gradients of `forget_loss` over `forget_batches` (and of `retain_loss`
     over `retain_batches`) with respect to `params` (default: all that require grad).
 
@@ -63,80 +431,16 @@ def compute_gradients(model: torch.nn.Module, forget_batches: Iterable, retain_b
     `forget_loss`. The model runs in eval mode unless `train_mode`; its modes,
     requires_grad flags and existing .grad are restored afterwards. Low-precision
     parameters accumulate in float32 and the result is cast back to their dtype.
+    store: "full" (every gradient in memory), or a slug_fast.stores store such as
+    ChunkedStore(passes=4) (statistics in several passes, a group of layers each) or
+    OffloadStore() (sums in host memory, for a model on a GPU).
     """
+    from .stores import make_store
+
     names = resolve_params(model, params)
-    named = dict(model.named_parameters())
-    selected = set(names)
-    modes = {m: m.training for m in model.modules()}
-    flags = {n: p.requires_grad for n, p in named.items()}
-    old_grads = {n: p.grad for n, p in named.items()}
-    try:
-        model.train(train_mode)
-        for n, p in named.items():
-            p.requires_grad_(n in selected)
-            p.grad = None
-        depth_order: list[str] = []
-        forget, n_f = _mean_gradient(model, forget_batches, forget_loss, names, named, "forget",
-                                     progress, depth_order)
-        retain, n_r = None, 0
-        if retain_batches is not None:
-            retain, n_r = _mean_gradient(model, retain_batches, retain_loss or forget_loss, names,
-                                         named, "retain", progress, None)
-    finally:
-        for n, p in named.items():
-            p.requires_grad_(flags[n])
-            p.grad = old_grads[n]
-        for m, mode in modes.items():
-            m.training = mode
-    # backward visits layers from the output back; never-reached ones count as shallowest
-    reached = set(depth_order)
-    order = [n for n in names if n not in reached] + depth_order[::-1]
-    return Gradients(forget, retain, order, n_f, n_r)
-
-
-def _mean_gradient(model, batches, loss_fn, names, named, which, progress, depth_order):
-    params = [named[n] for n in names]
-    low_precision = [p.dtype in (torch.float16, torch.bfloat16) for p in params]
-    acc: list[torch.Tensor | None] = [None] * len(params)
-    hooks = []
-    if depth_order is not None:  # record the order backward reaches the layers, on the first batch
-        hooks = [named[n].register_post_accumulate_grad_hook(lambda _p, n=n: depth_order.append(n))
-                 for n in names]
-    count = 0
-    try:
-        total = len(batches) if hasattr(batches, "__len__") else None
-        for batch in tqdm(batches, total=total, desc=f"{which} gradients",
-                          disable=None if progress is None else not progress, leave=False):
-            loss = loss_fn(model, batch)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise SlugError(f"{which} loss must return a scalar tensor, got {got}")
-            if not loss.requires_grad:
-                raise SlugError(f"{which} loss does not depend on the chosen parameters "
-                                "(it has no grad_fn); check params= and the loss function")
-            if not bool(torch.isfinite(loss.detach())):
-                raise NonFiniteError(f"{which} loss is {loss.item()} at batch {count}; "
-                                     "the gradients would not be finite")
-            loss.backward()
-            for hook in hooks:
-                hook.remove()
-            hooks = []
-            for i, p in enumerate(params):
-                if low_precision[i] and p.grad is not None:
-                    acc[i] = p.grad.float() if acc[i] is None else acc[i].add_(p.grad)
-                    p.grad = None
-            count += 1
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if count == 0:
-        raise SlugError(f"the {which} set is empty: pass at least one batch")
-    grads: dict[str, torch.Tensor] = {}
-    for i, (name, p) in enumerate(zip(names, params)):
-        g = acc[i] if low_precision[i] else p.grad
-        p.grad = None
-        if g is None:  # the loss never reached this parameter
-            grads[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            continue
-        grads[name] = g.div_(count).to(p.dtype).detach()
-    return grads, count
+    chosen = make_store(store)
+    run = GradientPass(model, forget_batches, retain_batches, forget_loss, retain_loss, names,
+                       train_mode=train_mode, progress=progress, checkpointing=checkpointing,
+                       repeats=chosen.repeats)
+    chosen.collect(run)
+    return Gradients(chosen, run)

@@ -44,6 +44,7 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
                 eval_data: str | None = None, class_names: str | None = None, aliases: tuple[str, ...] = (),
                 k: int = 5, strategy: str = "best", tower: str | None = None, max_evals: int = 10,
                 batch_size: int = 32, limit: int | None = None, device: str = "cpu",
+                memory_budget: int | str | None = None, checkpointing: bool = False,
                 progress: bool | None = None) -> dict:
     """Unlearn `concept` from a CLIP model with SLUG and write the delta and the report to `out`.
 
@@ -51,6 +52,7 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
     `retain_data`. The criterion is the paper's: the concept's zero-shot top-k accuracy
     among `class_names` is 0, on `eval_data` (captions naming one class label an image)
     or else on the forget images and the retain images that name another class.
+    memory_budget and checkpointing go to `unlearn` (see there).
     """
     from .eval.mia import clip_membership_inference
     from .eval.similarity import SimilarityWatch
@@ -58,8 +60,11 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
     from .report import write_outputs
     from .unlearn import unlearn
 
+    from .memory import parse_budget
+
     t0 = time.perf_counter()
     out = _check_out(out)
+    budget = parse_budget(memory_budget)  # refuse a bad budget before loading anything
     names = _class_list(class_names, concept)
     if (data is None) == (forget_data is None or retain_data is None):
         raise SlugError("give either --data (split by the concept) or both --forget-data and --retain-data")
@@ -90,7 +95,7 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
     forget = adapter.make_batches(forget_pairs, batch_size)
     retain = adapter.make_batches(retain_pairs, batch_size)
     result = unlearn(adapter, forget, retain, criterion, strategy=strategy, tower=tower, max_evals=max_evals,
-                     progress=progress)
+                     memory_budget=budget, checkpointing=checkpointing, progress=progress)
 
     after = criterion(adapter.model)[1]
     out.mkdir(parents=True, exist_ok=True)

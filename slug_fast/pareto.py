@@ -76,8 +76,10 @@ def default_towers(names: Sequence[str]) -> dict[str, NameRule]:
     return {"model": lambda n: True}
 
 
-def split_towers(names: Sequence[str], towers: Mapping[str, NameRule]) -> dict[str, list[str]]:
-    """tower -> its names (each name goes to the first tower whose rule matches)."""
+def split_towers(names: Sequence[str], towers: Mapping[str, NameRule],
+                 allow_empty: bool = False) -> dict[str, list[str]]:
+    """tower -> its names (each name goes to the first tower whose rule matches); a tower
+    that gets none is an error unless `allow_empty`."""
     out: dict[str, list[str]] = {t: [] for t in towers}
     for name in names:
         for tower, rule in towers.items():
@@ -85,7 +87,7 @@ def split_towers(names: Sequence[str], towers: Mapping[str, NameRule]) -> dict[s
                 out[tower].append(name)
                 break
     empty = [t for t, members in out.items() if not members]
-    if empty:
+    if empty and not allow_empty:
         raise SlugError(f"tower rule for {empty[0]!r} matches no eligible parameter; "
                         f"eligible names start with: {sorted({n.split('.')[0] for n in names})[:5]}")
     return out

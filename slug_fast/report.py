@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 from .files import write_atomic
+from .memory import format_bytes
 from .stats import LayerStats
 
 
@@ -63,7 +64,15 @@ def markdown(report: dict) -> str:
     lines = [f"# Unlearning report: {report.get('concept', '?')}", ""]
     lines += [f"- layer(s): {', '.join(f'`{n}`' for n in report['layer'])}",
               f"- step: {_fmt(report['step'])}",
-              f"- seconds: " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["seconds"].items()), ""]
+              f"- seconds: " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["seconds"].items())]
+    memory = report.get("unlearn", {}).get("memory")
+    if memory:
+        lines.append(f"- gradient store: {memory['mode']}, {memory['passes']} pass(es); peak "
+                     f"{format_bytes(memory['measured_peak_bytes'])} above the loaded model ({memory['measured_by']})"
+                     + (f", predicted {format_bytes(memory['predicted_peak_bytes'])}"
+                        if memory.get("predicted_peak_bytes") is not None else "")
+                     + (f", budget {format_bytes(memory['budget_bytes'])}" if memory.get("budget_bytes") else ""))
+    lines.append("")
     rows = [(group, key.removesuffix("_before"), values[key], values.get(key.replace("_before", "_after")))
             for group, values in report.items() if isinstance(values, dict) and group in ("forget", "retain", "mia")
             for key in values if key.endswith("_before")]

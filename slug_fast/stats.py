@@ -87,6 +87,17 @@ def layer_stats(params: Mapping[str, torch.Tensor], forget_grads: Mapping[str, t
     backend: "auto" (C++ for CPU tensors, Triton for CUDA tensors), "cpp",
     "triton" or "torch" (the float64 reference).
     """
+    sums, chosen = layer_sums(params, forget_grads, retain_grads, backend)
+    return stats_from_sums(list(forget_grads), sums, chosen)
+
+
+def layer_sums(params: Mapping[str, torch.Tensor], forget_grads: Mapping[str, torch.Tensor],
+               retain_grads: Mapping[str, torch.Tensor] | None = None,
+               backend: str = "auto") -> tuple[torch.Tensor, str]:
+    """([n_layers, 4] float64 CPU table of sum theta^2, sum g_f^2, sum g_r^2, sum g_f*g_r
+    per layer of `forget_grads`, the backend used); checked finite. Per-layer sums do not
+    depend on the other layers in the call, so a table built group by group equals one
+    built at once."""
     names = list(forget_grads)
     if retain_grads is not None:
         missing = [n for n in names if n not in retain_grads]
@@ -122,14 +133,18 @@ def layer_stats(params: Mapping[str, torch.Tensor], forget_grads: Mapping[str, t
     else:
         sums = _backends.module(chosen).layer_sums(p_list, f_list, retain).cpu()
     _check_finite(names, sums, retain is not None)
+    return sums, chosen
 
+
+def stats_from_sums(names: list[str], sums: torch.Tensor, backend: str) -> LayerStats:
+    """LayerStats of `names` from their [n, 4] table of sums (see layer_sums)."""
     param_norm, forget_norm, retain_norm = sums[:, 0].sqrt(), sums[:, 1].sqrt(), sums[:, 2].sqrt()
     dot = sums[:, 3]
     usable = (param_norm > 0) & (forget_norm > 0)
     importance = torch.where(usable, forget_norm / torch.where(usable, param_norm, 1.0), 0.0)
     denom = forget_norm * retain_norm
     alignment = torch.where(denom > 0, (dot.abs() / torch.where(denom > 0, denom, 1.0)).clamp(max=1.0), 0.0)
-    return LayerStats(names, param_norm, forget_norm, retain_norm, dot, importance, alignment, chosen)
+    return LayerStats(list(names), param_norm, forget_norm, retain_norm, dot, importance, alignment, backend)
 
 
 def _check_finite(names: list[str], sums: torch.Tensor, has_retain: bool) -> None:

@@ -17,12 +17,14 @@ from .adapters import Adapter, GenericAdapter, detect_adapter, get_adapter
 from .delta import save_delta, tensor_spec
 from .edit import LayerEdit
 from .errors import CriterionNotReached, SlugError
-from .fastsearch import upstream_replay
-from .gradients import Loss, compute_gradients, resolve_params
+from .fastsearch import DEFAULT_MAX_BYTES, upstream_replay
+from .gradients import GradientPass, Gradients, Loss, resolve_params
+from .memory import MODES, MemoryPlan, MemoryReport, PeakMeter, parse_budget, plan
 from .pareto import (NameRule, deepest, default_towers, group_of, is_eligible, matches, pareto_front,
                      split_towers)
 from .search import Evaluation, SearchResult, criterion_result, search_step, start_step
-from .stats import LayerStats, layer_stats
+from .stats import LayerStats
+from .stores import ChunkedStore, FullStore, OffloadStore, layers_of
 
 log = logging.getLogger("slug_fast")
 
@@ -71,6 +73,7 @@ class UnlearnResult:
     specs: dict[str, dict] = field(repr=False)
     applied: bool = True
     backends: dict[str, str] = field(default_factory=dict)
+    memory: MemoryReport | None = None
 
     def to_dict(self, with_stats: bool = False) -> dict:
         """A JSON-ready summary (the full per-layer table with `with_stats`)."""
@@ -81,6 +84,7 @@ class UnlearnResult:
                        "seconds": e.seconds} for e in self.trace],
             "candidates": [c.to_dict() for c in self.candidates],
             "fronts": self.fronts, "seconds": self.seconds, "backends": self.backends,
+            "memory": self.memory.to_dict() if self.memory is not None else None,
         }
         if with_stats:
             out["stats"] = self.stats.rows()
@@ -101,7 +105,8 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
             group: bool | None = None, max_evals: int = 10,
             utility: Callable[[object], float] | None = None, apply: bool = True,
             progress: bool | None = None, backend: str = "auto", cache: bool | str = True,
-            **adapter_options) -> UnlearnResult:
+            memory_budget: int | str | None = None, store: str = "auto", passes: int | None = None,
+            checkpointing: bool = False, **adapter_options) -> UnlearnResult:
     """Unlearn with SLUG: edit one layer (or one HF q/k/v or fc1/fc2 group) once along g_f.
 
     model: an open_clip or Hugging Face CLIP model, a diffusers Stable Diffusion pipeline,
@@ -118,6 +123,17 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     re-runs only what the edit can change (slug_fast.fastsearch.upstream_replay), bit-identical
     to a plain one; "linear" also caches an edited Linear's products (equal within float32
     rounding); False evaluates plainly.
+    memory_budget: bytes SLUG may use above the loaded model and data (an int, "12GB",
+    "512MiB", or "0.5x" the differentiated weights); the engine predicts each store's peak
+    (one forward of the first forget batch measures the activations), logs its plan and
+    picks `store`: "full" (every gradient at once), "chunked" (statistics in several
+    passes, a group of layers each; `passes` fixes their number) or "offload" (sums in host
+    memory, a model on a GPU); "auto" takes full if it fits, else the fewest chunked passes
+    that fit, else offload. All give the same statistics, layer, step and delta. A budget
+    no plan fits raises SlugError before any gradient is computed, stating the minimum.
+    checkpointing: recompute activations in backward through the adapter's own switch
+    (open_clip set_grad_checkpointing, transformers activation checkpointing), restored after.
+    result.memory records the plan and the measured peak.
     Raises CriterionNotReached (model untouched) when no candidate meets the criterion.
     """
     if strategy not in STRATEGIES:
@@ -126,6 +142,12 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
         raise SlugError(f"cache must be True, False or 'linear', got {cache!r}")
     if retain is None:
         raise SlugError("SLUG needs a retain set: pass retain batches (generic data to keep)")
+    if store not in MODES:
+        raise SlugError(f"store must be one of {MODES}, got {store!r}")
+    if passes is not None and store != "chunked":
+        raise SlugError(f"passes= sets the chunked store's number of passes; pass store='chunked' with it "
+                        f"(got store={store!r})")
+    budget_spec = parse_budget(memory_budget)
     if adapter is None and detect_adapter(model) is None and not isinstance(model, Adapter):
         ad = GenericAdapter(model) if isinstance(model, nn.Module) and forget_loss and retain_loss \
             else get_adapter(model)  # raises, naming what to pass
@@ -134,6 +156,9 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     times = {}
     t0 = time.perf_counter()
     names = resolve_params(ad.target, params if params is not None else ad.param_names())
+    named = dict(ad.target.named_parameters())
+    # only layers that can be chosen are differentiated: no gradient is spent on the rest
+    names = [n for n in names if eligible(n, tuple(named[n].shape))]
     rules = towers if towers is not None else (ad.towers or default_towers(names))
     if tower is not None:
         wanted = [tower] if isinstance(tower, str) else list(tower)
@@ -143,26 +168,35 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
         rules = {t: rules[t] for t in wanted}
         if params is None:  # only the chosen towers' gradients are needed: the rest are never computed
             names = [n for n in names if any(matches(rule, n) for rule in rules.values())]
-    grads = compute_gradients(ad.target, forget, retain, forget_loss or ad.forget_loss,
-                              retain_loss or ad.retain_loss, params=names, progress=progress)
+    if not names:
+        raise SlugError("no eligible layer to differentiate; eligible layers have >= 2 dims and none of "
+                        "bias/norm/embedding/position/logit_scale in their names")
+    grouped = ad.group if group is None else group
+    device = named[names[0]].device
+    meter = PeakMeter(device).start()
+    run = GradientPass(ad.target, forget, retain, forget_loss or ad.forget_loss, retain_loss or ad.retain_loss,
+                       names, progress=progress,
+                       checkpointing=ad.activation_checkpointing if checkpointing else None)
+    memory_plan, activations, full_need = _plan_memory(run, names, budget_spec, store, passes, grouped, device)
+    log.info("%s", memory_plan.describe())
+
+    def keep(seen: LayerStats) -> list[str]:  # the chunked store keeps the running fronts' forget gradients
+        fronts_now = _fronts(seen, _usable_by_tower(seen, rules, complete=False), backend)
+        wanted = [m for front in fronts_now.values() for n in front
+                  for m in (group_of(n, seen.names) if grouped else [n])]
+        depth = {n: i for i, n in enumerate(run.depth_order or names)}
+        return sorted(dict.fromkeys(wanted), key=lambda n: -depth.get(n, -1))
+
+    gradient_store = _store_for(memory_plan, keep, backend)
+    gradient_store.collect(run)
+    grads = Gradients(gradient_store, run)
     t1 = time.perf_counter()
     times["gradients"] = t1 - t0
 
-    named = dict(ad.target.named_parameters())
-    stats = layer_stats({n: named[n] for n in grads.names}, grads.forget, grads.retain, backend)
-    imp = stats.importance
-    usable = [n for i, n in enumerate(stats.names) if eligible(n, tuple(named[n].shape)) and imp[i] > 0]
-    if not usable:
-        raise SlugError("no eligible layer has a nonzero forget gradient; eligible layers have >= 2 dims "
-                        "and none of bias/norm/embedding/position/logit_scale in their names")
-    tower_names = split_towers(usable, rules)
-    fronts: dict[str, list[str]] = {}
-    for t, members in tower_names.items():
-        idx = [stats.index(n) for n in members]
-        front = pareto_front(stats.alignment[idx], stats.importance[idx], backend=backend)
-        fronts[t] = [members[i] for i in front]
-
-    grouped = ad.group if group is None else group
+    stats = grads.layer_stats(backend)
+    tower_names = _usable_by_tower(stats, rules)
+    fronts = _fronts(stats, tower_names, backend)
+    usable = [n for i, n in enumerate(stats.names) if stats.importance[i] > 0]
     picks: list[tuple[str, list[str]]] = []
     for t, front in fronts.items():
         chosen = front if strategy == "best" else [deepest(front, grads.depth_order)]
@@ -170,16 +204,20 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
             layers = group_of(name, usable) if grouped else [name]
             if all(layers != p[1] for p in picks):
                 picks.append((t, layers))
-    directions_of = {n: grads.forget[n] for _, layers in picks for n in layers}
-    del grads  # only the candidates' forget gradients are needed from here on
+    directions_of = grads.directions([n for _, layers in picks for n in layers])
+    passes_run, final_pass = gradient_store.passes, gradient_store.final_pass
+    del grads, gradient_store, run  # only the candidates' forget gradients are needed from here on
     t2 = time.perf_counter()
     times["select"] = t2 - t1
 
+    budget = memory_plan.budget
+    cache_bytes = DEFAULT_MAX_BYTES if budget is None else \
+        max(0, min(DEFAULT_MAX_BYTES, budget - sum(d.numel() * d.element_size() for d in directions_of.values())))
     candidates = []
     for t, layers in tqdm(picks, desc="step search", disable=None if progress is None else not progress,
                           leave=False):
         candidates.append(_search_layer(ad, t, layers, directions_of, stats, criterion, utility,
-                                        max_evals, backend, cache))
+                                        max_evals, backend, cache, cache_bytes))
     t3 = time.perf_counter()
     times["search"] = t3 - t2
 
@@ -208,9 +246,68 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
             edit.commit()
         edit_backend = edit.used_backend
     times["total"] = time.perf_counter() - t0
+    report = MemoryReport(memory_plan.mode, passes_run, budget,
+                          memory_plan.predicted_peak if activations is not None else None, meter.peak(),
+                          meter.source, sum(named[n].numel() * named[n].element_size() for n in names),
+                          activations, checkpointing, final_pass, [len(g) for g in memory_plan.groups],
+                          dict(memory_plan.predicted), full_need)
     return UnlearnResult(best.layers, user_keys, best.tower, best.search.step, best.relative_change,
                          best.search.trace, candidates, fronts, tower_names, stats, times, delta, specs, apply,
-                         {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name})
+                         {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name}, report)
+
+
+def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, passes: int | None, grouped: bool,
+                 device: torch.device) -> tuple[MemoryPlan, int | None, int | None]:
+    """The gradient store's plan, the measured activation bytes of one batch and the full
+    store's predicted peak (both None when no plan was needed: the full store without a
+    budget runs without the probe forward)."""
+    layers = layers_of(run, names)
+    weight_bytes = sum(l.bytes for l in layers)
+    budget = budget_spec.resolve(weight_bytes) if budget_spec is not None else None
+    if budget is None and store in ("auto", "full"):
+        state = sum(l.state_bytes for l in layers)
+        return MemoryPlan("full", [list(names)], None, {"gradients": state}, device=str(device)), None, None
+    probe = run.probe()
+    position = {n: i for i, n in enumerate(names)}
+    units, seen = [], set()
+    for name in probe.use_order[::-1]:  # deepest first, HF q/k/v and fc1/fc2 never split
+        if name in seen:
+            continue
+        members = [m for m in (group_of(name, names) if grouped else [name]) if m not in seen]
+        seen.update(members)
+        units.append(layers_of(run, sorted(members, key=position.get)))
+    sizes = dict(activations=probe.activation_bytes, largest_activation=probe.largest_activation, device=device)
+    chosen = plan(units, budget=budget, mode=store, passes=passes, **sizes)
+    return chosen, probe.activation_bytes, plan(units, budget=None, mode="full", **sizes).predicted_peak
+
+
+def _store_for(memory_plan: MemoryPlan, keep, backend: str):
+    if memory_plan.mode == "chunked":
+        return ChunkedStore(groups=memory_plan.groups, keep=keep, keep_bytes=memory_plan.keep_bytes, backend=backend)
+    if memory_plan.mode == "offload":
+        return OffloadStore(backend=backend, stream_bytes=memory_plan.stream_bytes)
+    return FullStore()
+
+
+def _usable_by_tower(stats: LayerStats, rules, complete: bool = True) -> dict[str, list[str]]:
+    """Layers with a nonzero forget gradient, per tower (every tower must have one when complete)."""
+    usable = [n for i, n in enumerate(stats.names) if stats.importance[i] > 0]
+    if complete and not usable:
+        raise SlugError("no eligible layer has a nonzero forget gradient; eligible layers have >= 2 dims "
+                        "and none of bias/norm/embedding/position/logit_scale in their names")
+    return split_towers(usable, rules, allow_empty=not complete)
+
+
+def _fronts(stats: LayerStats, tower_names: Mapping[str, list[str]], backend: str) -> dict[str, list[str]]:
+    """The Pareto front of each tower among its usable layers."""
+    fronts: dict[str, list[str]] = {}
+    for t, members in tower_names.items():
+        if not members:
+            continue
+        idx = [stats.index(n) for n in members]
+        front = pareto_front(stats.alignment[idx], stats.importance[idx], backend=backend)
+        fronts[t] = [members[i] for i in front]
+    return fronts
 
 
 def _edit_inputs(targets: Mapping[str, tuple], directions: Mapping[str, torch.Tensor]):
@@ -226,7 +323,8 @@ def _scaled(direction: torch.Tensor, step: float, dtype: torch.dtype) -> torch.T
     return torch.tensor(step, dtype=compute, device=direction.device) * direction.to(compute)
 
 
-def _search_layer(ad, tower, layers, directions_of, stats, criterion, utility, max_evals, backend, cache=True):
+def _search_layer(ad, tower, layers, directions_of, stats, criterion, utility, max_evals, backend, cache=True,
+                  cache_bytes=DEFAULT_MAX_BYTES):
     rows = [stats.index(n) for n in layers]
     theta_norm = math.sqrt(float((stats.param_norm[rows] ** 2).sum()))
     grad_norm = math.sqrt(float((stats.forget_norm[rows] ** 2).sum()))
@@ -235,7 +333,8 @@ def _search_layer(ad, tower, layers, directions_of, stats, criterion, utility, m
 
     params, moves = _edit_inputs(ad.edit_params(layers), directions_of)
     with LayerEdit(params, moves, backend) as edit, \
-            (upstream_replay(ad.target, edit, linear=cache == "linear") if cache else contextlib.nullcontext()):
+            (upstream_replay(ad.target, edit, linear=cache == "linear", max_bytes=cache_bytes) if cache
+             else contextlib.nullcontext()):
         def evaluate(step: float) -> tuple[bool, dict]:
             edit.step(step)
             return criterion_result(criterion(model))

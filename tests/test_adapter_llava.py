@@ -15,7 +15,8 @@ from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionC
 import slug_fast
 from slug_fast.adapters import get_adapter
 from slug_fast.adapters.hf_clip import HFClipAdapter
-from slug_fast.adapters.llava import LlavaAdapter, answer_rate, match_vision_towers, mentions, vision_tower_of
+from slug_fast.adapters.llava import (LlavaAdapter, answer_loss, answer_rate, match_vision_towers, mentions,
+                                     vision_tower_of)
 from slug_fast.errors import SlugError
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:", "who", "is", "this", "?", "what",
@@ -354,3 +355,32 @@ def test_clip_model_that_differs_from_the_tower_is_refused_and_nothing_changes(t
     with pytest.raises(SlugError, match="has no text tower"):
         LlavaAdapter(llava, mode="clip", clip_model=CLIPVisionModel(vision_config()))
     assert not changed(llava, llava0) and not changed(clip, clip0)
+
+
+@pytest.mark.parametrize("store, checkpointing", [("full", False), ("chunked", True)])
+def test_vlm_mode_allocates_vision_tower_gradients_only(trained, tokenizer, store, checkpointing):
+    model = trained_llava(trained)
+    forget, retain = qa_items()
+    ad = LlavaAdapter(model, tokenizer=tokenizer)
+    forget_b, retain_b = ad.make_qa_batches(forget, 4), ad.make_qa_batches(retain, 8)
+    tower = set(ad.param_names())
+    others = {n: p for n, p in model.named_parameters() if n not in tower}
+    assert any(".language_model." in n or n.startswith("language_model.") for n in others)
+    graded, seen_training = set(), []
+    for name, p in model.named_parameters():
+        p.register_hook(lambda g, name=name: graded.add(name))  # fires whenever autograd makes its gradient
+    layers = [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+
+    def loss(module, batch):
+        seen_training.append([m.training for m in layers])
+        assert all(p.grad is None for p in others.values())
+        return answer_loss(module, batch)
+
+    result = slug_fast.unlearn(model, forget_b, retain_b, lambda m: (True, {}), forget_loss=loss,
+                               retain_loss=loss, adapter=ad, checkpointing=checkpointing, store=store,
+                               passes=2 if store == "chunked" else None, apply=False, progress=False)
+    assert graded and graded <= tower  # no language-model or projector gradient was ever computed
+    assert all(p.grad is None for p in model.parameters())
+    assert result.memory.checkpointing is checkpointing and result.memory.mode == store
+    assert all(flags == [checkpointing] * len(layers) for flags in seen_training)  # the LM layers recompute
+    assert not any(m.training for m in model.modules())

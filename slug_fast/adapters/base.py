@@ -85,6 +85,13 @@ class Adapter:
         """The user's object's parameters by name (where deltas apply)."""
         return named_parameters_of(self.model)
 
+    def activation_checkpointing(self):
+        """A context manager in which `target` recomputes its activations in backward instead of
+        keeping them (the family's own switch), restored on exit; used by unlearn(checkpointing=True)."""
+        from .checkpointing import detect_checkpointing
+
+        return detect_checkpointing(self.target)
+
     def tower_params(self, tower: str) -> list[nn.Parameter]:
         """Target parameters of a tower (for caches keyed on their versions)."""
         rules = self.towers or {}

@@ -30,6 +30,11 @@ class HFClipAdapter(ClipFamilyAdapter):
         self.image_processor = (image_processor if image_processor is not None
                                 else getattr(processor, "image_processor", None))
 
+    def activation_checkpointing(self):
+        from .checkpointing import hf_checkpointing
+
+        return hf_checkpointing(self.target)
+
     def encode_pixels(self, module, pixels):
         return _features(module.get_image_features(pixel_values=pixels))
 

@@ -234,6 +234,13 @@ class LlavaAdapter(Adapter):
             out[MIRROR_PREFIX + n] = (clip[n], n)
         return out
 
+    def activation_checkpointing(self):
+        """transformers' switch on the target: the CLIP model ("clip"), or the whole LLaVA model
+        ("vlm": its vision tower and language model both recompute their layers)."""
+        from .checkpointing import hf_checkpointing
+
+        return hf_checkpointing(self.target)
+
     def forget_loss(self, module, batch) -> torch.Tensor:
         return self.clip.forget_loss(module, batch) if self.mode == "clip" else answer_loss(module, batch)
 

@@ -24,6 +24,11 @@ class OpenClipAdapter(ClipFamilyAdapter):
         self.tokenizer = tokenizer
         self.preprocess = preprocess
 
+    def activation_checkpointing(self):
+        from .checkpointing import open_clip_checkpointing
+
+        return open_clip_checkpointing(self.target)
+
     def encode_pixels(self, module, pixels):
         return module.encode_image(pixels)
 

@@ -140,6 +140,9 @@ class StableDiffusionAdapter(Adapter):
     def param_names(self) -> list[str]:
         return list(self._pipe_names)
 
+    def activation_checkpointing(self):
+        return self.clip.activation_checkpointing()
+
     def forget_loss(self, module, batch):
         return self.clip.forget_loss(module, batch)
 

@@ -1,0 +1,383 @@
+"""Gradient stores: full, chunked and offload give the same statistics, layer, step and delta;
+the probe, the pass's safety checks and activation checkpointing."""
+import weakref
+
+import pytest
+import torch
+
+import slug_fast
+from slug_fast.errors import SlugError
+from slug_fast.gradients import GradientPass, forward_use_order
+from slug_fast.stores import ChunkedStore, FullStore, OffloadStore
+
+from test_adapters import random_pairs, tiny_hf_clip, word_tokenizer
+from test_gradients import Net, batches, mse
+from test_unlearn import FORGET, sets
+
+SUMS = ("param_norm", "forget_norm", "retain_norm", "dot")
+
+
+def cast_batches(data, dtype):
+    """open_clip (images, tokens) batches with the images in `dtype`."""
+    return [(images.to(dtype), tokens) for images, tokens in data]
+
+
+def loss_rise_criterion(adapter, forget, rise):
+    """The concept is forgotten once the mean forget loss rose by `rise` (any dtype, any CLIP adapter)."""
+    def mean_loss(model):
+        with torch.no_grad():
+            return sum(adapter.forget_loss(model, b).float().item() for b in forget) / len(forget)
+
+    start = mean_loss(adapter.target)
+
+    def criterion(model):
+        value = mean_loss(adapter.target)
+        return value > start + rise, {"forget_loss": value, "utility": -value}
+    return criterion
+
+
+def assert_same_outcome(reference, other):
+    for column in SUMS:
+        a, b = getattr(reference.stats, column), getattr(other.stats, column)
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0)  # the requirement
+        assert torch.equal(a, b), column  # and in fact bit for bit
+    assert other.stats.names == reference.stats.names
+    assert other.fronts == reference.fronts
+    assert other.layers == reference.layers and other.step == reference.step
+    assert other.delta.keys() == reference.delta.keys()
+    assert all(torch.equal(other.delta[k], reference.delta[k]) for k in reference.delta)
+
+
+def run_stores(model, adapter, forget, retain, criterion, **options):
+    """unlearn with the full store, chunked with 2, 3 and 5 passes, and a budget that forces chunking."""
+    common = dict(apply=False, progress=False, **options)
+    full = slug_fast.unlearn(model, forget, retain, criterion, store="full", **common)
+    assert full.memory.mode == "full" and full.memory.passes == 1
+    outcomes = [full]
+    for passes in (2, 3, 5):
+        res = slug_fast.unlearn(model, forget, retain, criterion, store="chunked", passes=passes, **common)
+        assert res.memory.mode == "chunked" and len(res.memory.groups) == passes
+        outcomes.append(res)
+    probe = outcomes[1].memory
+    budget = probe.predicted["activations"] + probe.predicted["transient"] + probe.weight_bytes  # < full's need
+    res = slug_fast.unlearn(model, forget, retain, criterion, memory_budget=budget, **common)
+    assert res.memory.mode == "chunked" and res.memory.budget_bytes == budget
+    assert res.memory.predicted_peak_bytes <= budget < res.memory.predicted_full_bytes
+    outcomes.append(res)
+    return outcomes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_open_clip_every_store_gives_the_same_answer(digits_model, digits_trained, dtype):
+    model = digits_model.to(dtype)
+    forget, retain = (cast_batches(b, dtype) for b in sets(digits_trained[1], FORGET))
+    adapter = slug_fast.adapters.get_adapter(model)
+    criterion = loss_rise_criterion(adapter, forget, 0.05)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    full, *others = run_stores(model, adapter, forget, retain, criterion)
+    assert len(full.candidates) > 1  # "best" searched several front layers: their directions were kept
+    for other in others:
+        assert_same_outcome(full, other)
+    # without a budget every front layer's forget gradient was kept; the tight budget may
+    # have had room for only some of them and recomputed the rest in one forget-only pass
+    assert not any(other.memory.final_pass for other in others[:-1])
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hf_clip_every_store_gives_the_same_answer_with_grouped_layers(dtype):
+    model, tok = tiny_hf_clip(), word_tokenizer()
+    model = model.to(dtype)
+    adapter = slug_fast.adapters.get_adapter(model, tokenizer=tok)
+    gen = torch.Generator().manual_seed(3)
+    forget = adapter.make_batches(random_pairs(16, gen, ["a photo of the cat"]), 8)
+    retain = adapter.make_batches(random_pairs(32, gen, ["a dog", "the car", "two", "a photo of a dog"]), 16)
+    forget = [{k: (v.to(dtype) if k == "pixel_values" else v) for k, v in b.items()} for b in forget]
+    retain = [{k: (v.to(dtype) if k == "pixel_values" else v) for k, v in b.items()} for b in retain]
+    criterion = loss_rise_criterion(adapter, forget, 0.02)
+    full, *others = run_stores(model, adapter, forget, retain, criterion, tokenizer=tok)
+    for other in others:
+        assert_same_outcome(full, other)
+    for res in (full, *others):  # q/k/v (fc1/fc2) never split across passes
+        for groups in [res.memory.groups]:
+            assert sum(groups) == len(full.stats.names)
+
+
+def gradient_sets(gen):
+    model = Net()
+    return model, batches(3, gen), batches(2, gen, size=7)
+
+
+def test_chunked_recomputes_what_it_could_not_keep(gen):
+    model, forget, retain = gradient_sets(gen)
+    names = [n for n, _ in model.named_parameters()]
+    full = slug_fast.compute_gradients(model, forget, retain, mse, params=names, progress=False)
+    keep_all = ChunkedStore(passes=3, keep=lambda seen: seen.names, keep_bytes=0)
+    chunked = slug_fast.compute_gradients(model, forget, retain, mse, params=names, progress=False, store=keep_all)
+    assert chunked.mode == "chunked" and keep_all.passes == 3 and not keep_all.final_pass
+    stats_full, stats_chunked = full.layer_stats(), chunked.layer_stats()
+    for column in SUMS:
+        assert torch.equal(getattr(stats_full, column), getattr(stats_chunked, column))
+    got = chunked.directions(["mid.weight", "out.weight"])  # nothing fit: one forget-only pass
+    assert keep_all.final_pass and keep_all.passes == 4
+    assert all(torch.equal(got[n], full.forget[n]) for n in got)
+    with pytest.raises(SlugError, match="never holds every layer's gradient at once"):
+        chunked.forget
+    with torch.no_grad():
+        model.mid.weight.add_(1.0)
+    with pytest.raises(SlugError, match="parameters changed since the gradient pass began"):
+        chunked.directions(["inp.weight"])
+
+
+def test_chunked_keeps_what_the_policy_names_within_its_allowance(gen):
+    model, forget, retain = gradient_sets(gen)
+    full = slug_fast.compute_gradients(model, forget, retain, mse, progress=False)
+    store = ChunkedStore(passes=2, keep=lambda seen: [n for n in ("out.weight", "inp.weight") if n in seen.names])
+    chunked = slug_fast.compute_gradients(model, forget, retain, mse, progress=False, store=store)
+    assert set(store.kept) == {"out.weight", "inp.weight"}
+    got = chunked.directions(["out.weight", "inp.weight"])
+    assert not store.final_pass and all(torch.equal(got[n], full.forget[n]) for n in got)
+
+
+def test_offload_host_sums_equal_the_full_store(gen):
+    """The offload store's hooks, host sums and streamed statistics, on the CPU (its CUDA run is
+    test_offload_on_cuda); streaming a few bytes at a time forces one layer per group."""
+    model, forget, retain = gradient_sets(gen)
+    full = slug_fast.compute_gradients(model, forget, retain, mse, progress=False)
+    store = OffloadStore(stream_bytes=1)
+    off = slug_fast.compute_gradients(model, forget, retain, mse, progress=False, store=store)
+    a, b = full.layer_stats(), off.layer_stats()
+    for column in SUMS:
+        assert torch.equal(getattr(a, column), getattr(b, column))
+    assert all(torch.equal(off.directions([n])[n], full.forget[n]) for n in full.names)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the offload store's pinned copies need CUDA")
+def test_offload_on_cuda(gen):
+    model, forget, retain = gradient_sets(gen)
+    model = model.cuda()
+    forget = [(x.cuda(), y.cuda()) for x, y in forget]
+    retain = [(x.cuda(), y.cuda()) for x, y in retain]
+    full = slug_fast.compute_gradients(model, forget, retain, mse, progress=False)
+    off = slug_fast.compute_gradients(model, forget, retain, mse, progress=False, store=OffloadStore())
+    for column in SUMS:
+        assert torch.equal(getattr(full.layer_stats(), column), getattr(off.layer_stats(), column))
+    direction = off.directions(["mid.weight"])["mid.weight"]
+    assert direction.device.type == "cpu" and torch.equal(direction, full.forget["mid.weight"].cpu())
+
+
+def test_store_names_are_checked():
+    model = Net()
+    with pytest.raises(SlugError, match="chunked store needs its number of passes"):
+        slug_fast.compute_gradients(model, [], None, mse, store="chunked")
+    with pytest.raises(SlugError, match="store must be 'full', 'offload'"):
+        slug_fast.compute_gradients(model, [], None, mse, store="disk")
+    with pytest.raises(SlugError, match="passes= .* or groups="):
+        ChunkedStore()
+    with pytest.raises(SlugError, match="positive integer"):
+        ChunkedStore(passes=0)
+    assert FullStore().mode == "full"
+
+
+def test_chunked_reads_each_set_again_and_insists_it_is_the_same(gen):
+    model, forget, retain = gradient_sets(gen)
+    with pytest.raises(SlugError, match="one-shot iterator"):
+        slug_fast.compute_gradients(model, iter(forget), retain, mse, store=ChunkedStore(passes=2))
+
+    class Shuffled:  # re-iterable, but in another order each time
+        def __init__(self, items):
+            self.items, self.turn = items, 0
+
+        def __iter__(self):
+            self.turn += 1
+            return iter(self.items[self.turn % len(self.items):] + self.items[:self.turn % len(self.items)])
+
+    with pytest.raises(SlugError, match="forget batches differ from the first pass at batch 0"):
+        slug_fast.compute_gradients(model, Shuffled(forget), retain, mse, progress=False,
+                                    store=ChunkedStore(passes=2))
+
+    class Changing:  # once read to the end, one batch fewer or one more
+        def __init__(self, items, change):
+            self.items, self.change, self.done = items, change, False
+
+        def __iter__(self):
+            yield from (self.items if not self.done else self.items[:-1] if self.change < 0 else
+                        self.items + self.items[:1])
+            self.done = True
+
+    with pytest.raises(SlugError, match="retain set had 2 batches in the first pass and 1 now"):
+        slug_fast.compute_gradients(model, forget, Changing(retain, -1), mse, progress=False,
+                                    store=ChunkedStore(passes=2))
+    with pytest.raises(SlugError, match="retain set had 2 batches in the first pass and more now"):
+        slug_fast.compute_gradients(model, forget, Changing(retain, +1), mse, progress=False,
+                                    store=ChunkedStore(passes=2))
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+class Exp(torch.nn.Module):
+    """exp saves its own output for backward: the case where a saved tensor refers to its grad_fn."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.seen = []
+
+    def forward(self, x):
+        y = self.lin(x).exp()
+        self.seen.append(weakref.ref(y))
+        return y
+
+
+def test_probe_measures_activations_and_keeps_no_graph_alive(gen):
+    model = Exp()
+    x = torch.randn(64, 4, generator=gen)
+    run = GradientPass(model, [x], [x], lambda m, b: m(b).sum(), None, ["lin.weight", "lin.bias"])
+    probe = run.probe()
+    assert probe.use_order == ["lin.weight", "lin.bias"] and run.depth_order == probe.use_order
+    assert probe.activation_bytes >= 64 * 4 * 4 and probe.largest_activation == 64 * 4 * 4
+    assert model.seen and model.seen[-1]() is None  # the probe's graph is gone with its tensors
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_probe_puts_back_the_first_batch_of_a_one_shot_iterator(gen):
+    model, forget, retain = gradient_sets(gen)
+    full = slug_fast.compute_gradients(model, forget, retain, mse, progress=False)
+    run = GradientPass(model, iter(forget), retain, mse, None, full.names)
+    run.probe()
+    store = FullStore()
+    store.collect(run)
+    assert run.counts == {"forget": 3, "retain": 2}
+    assert all(torch.equal(store.forget[n], full.forget[n]) for n in full.names)
+
+
+def test_forward_use_order_follows_the_forward_not_the_parameter_list(gen):
+    class Backwards(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.last = torch.nn.Linear(3, 3)
+            self.first = torch.nn.Linear(3, 3)
+            self.unused = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.first(x)
+            return self.last(h) + self.first(h)  # `first` used twice: its first use counts
+
+    model = Backwards()
+    loss = model(torch.randn(2, 3, generator=gen)).sum()
+    order = forward_use_order(loss, dict(model.named_parameters()))
+    assert order == ["unused.weight", "unused.bias", "first.weight", "first.bias", "last.weight", "last.bias"]
+
+
+@pytest.mark.parametrize("user_setting", [True, False])
+def test_multihead_attention_fast_path_is_off_during_passes_and_restored(gen, user_setting):
+    model, forget, retain = gradient_sets(gen)
+    seen = []
+
+    def loss(m, batch):
+        seen.append(torch.backends.mha.get_fastpath_enabled())
+        return mse(m, batch)
+
+    torch.backends.mha.set_fastpath_enabled(user_setting)
+    try:
+        slug_fast.compute_gradients(model, forget, retain, loss, progress=False, store=ChunkedStore(passes=2))
+        assert seen and not any(seen)
+        assert torch.backends.mha.get_fastpath_enabled() is user_setting
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
+def test_a_budget_no_plan_fits_is_refused_before_any_gradient(digits_model, digits_trained):
+    forget, retain = sets(digits_trained[1], FORGET)
+    calls = []
+    adapter = slug_fast.adapters.get_adapter(digits_model)
+
+    def counting(model, batch):
+        calls.append(torch.is_grad_enabled())
+        return adapter.forget_loss(model, batch)
+
+    before = {n: p.detach().clone() for n, p in digits_model.named_parameters()}
+    with pytest.raises(SlugError, match=r"memory_budget 1000 B is too small: the smallest plan \(chunked with one "
+                                        r"layer per pass\) needs .* raise memory_budget to at least \d+ bytes"):
+        slug_fast.unlearn(digits_model, forget, retain, lambda m: True, forget_loss=counting,
+                          retain_loss=adapter.retain_loss, memory_budget=1000, progress=False)
+    assert len(calls) == 1  # the probe's one forward; no pass ran
+    assert all(torch.equal(p.detach(), before[n]) and p.grad is None for n, p in digits_model.named_parameters())
+    with pytest.raises(SlugError, match="memory_budget is bytes"):
+        slug_fast.unlearn(digits_model, forget, retain, lambda m: True, memory_budget="lots")
+    with pytest.raises(SlugError, match="passes= sets the chunked store's number of passes"):
+        slug_fast.unlearn(digits_model, forget, retain, lambda m: True, passes=3)
+    with pytest.raises(SlugError, match="offload store keeps gradients in host memory"):
+        slug_fast.unlearn(digits_model, forget, retain, lambda m: True, store="offload")
+
+
+def block_calls(module):
+    """Counts calls of `module` (a pre-hook: checkpointing's recomputation may stop early inside it)."""
+    calls = []
+    module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_open_clip_checkpointing_recomputes_gives_the_same_gradients_and_restores(digits_model, digits_trained):
+    forget, retain = sets(digits_trained[1], FORGET)
+    adapter = slug_fast.adapters.get_adapter(digits_model)
+    names = [n for n, p in digits_model.named_parameters() if slug_fast.is_eligible(n, p.shape)]
+    args = (digits_model, forget, retain, adapter.forget_loss, adapter.retain_loss)
+    calls = block_calls(digits_model.visual.transformer.resblocks[0])
+    plain = slug_fast.compute_gradients(*args, params=names, progress=False)
+    n_plain = len(calls)
+    ckpt = slug_fast.compute_gradients(*args, params=names, progress=False,
+                                       checkpointing=adapter.activation_checkpointing)
+    assert len(calls) - n_plain == 2 * n_plain  # each block ran again in backward
+    assert all(torch.equal(plain.forget[n], ckpt.forget[n]) and torch.equal(plain.retain[n], ckpt.retain[n])
+               for n in names)
+    assert digits_model.visual.transformer.grad_checkpointing is False
+    assert digits_model.transformer.grad_checkpointing is False
+
+
+def test_hf_checkpointing_acts_in_eval_mode_and_restores_every_flag():
+    model, tok = tiny_hf_clip(), word_tokenizer()
+    adapter = slug_fast.adapters.get_adapter(model, tokenizer=tok)
+    gen = torch.Generator().manual_seed(4)
+    forget = adapter.make_batches(random_pairs(8, gen, ["a photo of the cat"]), 4)
+    retain = adapter.make_batches(random_pairs(8, gen, ["a dog", "the car"]), 8)
+    names = [n for n, p in model.named_parameters() if slug_fast.is_eligible(n, p.shape)]
+    args = (model, forget, retain, adapter.forget_loss, adapter.retain_loss)
+    layer = model.vision_model.encoder.layers[1]
+    calls = block_calls(layer.mlp)
+    model.text_model.encoder.layers[0].train()  # a user's odd mode, to be restored
+    modes = {m: m.training for m in model.modules()}
+    plain = slug_fast.compute_gradients(*args, params=names, progress=False)
+    n_plain = len(calls)
+    ckpt = slug_fast.compute_gradients(*args, params=names, progress=False,
+                                       checkpointing=adapter.activation_checkpointing)
+    assert len(calls) - n_plain == 2 * n_plain
+    assert all(torch.equal(plain.forget[n], ckpt.forget[n]) and torch.equal(plain.retain[n], ckpt.retain[n])
+               for n in names)
+    assert {m: m.training for m in model.modules()} == modes
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert not any("_gradient_checkpointing_func" in m.__dict__ for m in model.modules())
+
+
+def test_checkpointing_of_an_unknown_model_is_refused():
+    from slug_fast.adapters import GenericAdapter
+
+    with pytest.raises(SlugError, match="has no activation-checkpointing switch slug_fast knows"):
+        with GenericAdapter(Net()).activation_checkpointing():
+            pass
+
+
+def test_unlearn_with_checkpointing_and_a_budget_reports_its_memory(digits_model, digits_trained):
+    forget, retain = sets(digits_trained[1], FORGET)
+    adapter = slug_fast.adapters.get_adapter(digits_model)
+    criterion = loss_rise_criterion(adapter, forget, 0.05)
+    plain = slug_fast.unlearn(digits_model, forget, retain, criterion, apply=False, progress=False)
+    ckpt = slug_fast.unlearn(digits_model, forget, retain, criterion, apply=False, progress=False,
+                             checkpointing=True, memory_budget="1GB")
+    assert_same_outcome(plain, ckpt)
+    mem = ckpt.memory.to_dict()
+    assert mem["mode"] == "full" and mem["checkpointing"] and mem["budget_bytes"] == 10**9
+    assert 0 < mem["activation_bytes"] and mem["predicted_peak_bytes"] <= 10**9
+    assert mem["measured_peak_bytes"] >= 0 and mem["measured_by"] == "peak RSS (VmHWM)"
+    assert plain.memory.predicted_peak_bytes is None  # no budget: no probe, no prediction
+    assert plain.to_dict()["memory"]["mode"] == "full"
