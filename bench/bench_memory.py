@@ -162,8 +162,10 @@ def fmt(row: dict, full: dict | None) -> str:
     w = row["weight_bytes"]
     ratio = lambda key: f"{row[key] / full[key]:.2f}" if full else "-"  # noqa: E731
     pred = f"{row['predicted_bytes'] / w:.2f}" if row["predicted_bytes"] is not None else "-"
+    act = row["activation_bytes"]
+    beyond = f"{(row['peak_bytes'] - act) / w:.3f}" if act is not None else "-"
     return (f"{row['model']:<12}{row['dtype']:<6}{row['mode']:<16}{row['store']:<9}{row['passes']:>6}"
-            f"{row['peak_bytes'] / w:>9.2f}{pred:>9}{row['seconds']:>9.1f}{ratio('seconds'):>7}"
+            f"{row['peak_bytes'] / w:>9.2f}{pred:>9}{beyond:>9}{row['seconds']:>9.1f}{ratio('seconds'):>7}"
             f"{row['gradient_seconds']:>9.1f}{ratio('gradient_seconds'):>7}")
 
 
@@ -185,10 +187,11 @@ def main(argv=None):
     if args.one:
         print(json.dumps(run_one(args)))
         return
-    print("peak and predicted: bytes above the loaded model / the model's weight bytes; x full: ratio to the "
-          "full mode of the same model and dtype", flush=True)
-    print(f"{'model':<12}{'dtype':<6}{'mode':<16}{'store':<9}{'passes':>6}{'peak':>9}{'pred':>9}{'wall s':>9}"
-          f"{'x full':>7}{'grad s':>9}{'x full':>7}", flush=True)
+    print("peak and predicted: bytes above the loaded model / the model's weight bytes; -act: the peak less one "
+          "batch's activations (as the probe measured them), same unit; x full: ratio to the full mode of the same "
+          "model and dtype", flush=True)
+    print(f"{'model':<12}{'dtype':<6}{'mode':<16}{'store':<9}{'passes':>6}{'peak':>9}{'pred':>9}{'-act':>9}"
+          f"{'wall s':>9}{'x full':>7}{'grad s':>9}{'x full':>7}", flush=True)
     for model in args.models.split(","):
         for dtype in args.dtypes.split(","):
             full = None

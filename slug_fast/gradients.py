@@ -184,11 +184,14 @@ def _fingerprint(batch) -> tuple:
 @dataclass
 class Probe:
     """What one forward of the first forget batch shows before any pass: the parameters'
-    forward use order and the bytes its graph keeps for backward."""
+    forward use order, the bytes its graph keeps for backward, the largest saved tensor,
+    and how far the forward rose above what it kept (the short-lived tensors inside one
+    block, which a checkpointed block makes again when backward recomputes it)."""
 
     use_order: list[str]
     activation_bytes: int
     largest_activation: int
+    forward_transient: int = 0
 
 
 class GradientPass:
@@ -330,7 +333,7 @@ class GradientPass:
         saved by autograd that are neither parameters nor the batch itself, or the growth in
         memory while the graph is alive, whichever is larger: checkpointed regions save their
         inputs outside autograd's hooks)."""
-        from .memory import in_use
+        from .memory import PeakMeter
 
         batches = self.sets["forget"]
         rest = iter(batches)
@@ -354,15 +357,15 @@ class GradientPass:
             return t.detach()
 
         device = next(iter(params.values())).device
-        with self.prepared():
-            before = in_use(device)
+        with self.prepared(), PeakMeter(device) as meter:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = _checked_loss(self.losses["forget"](self.model, batch), "forget", 0)
-            grown = in_use(device) - before
+            grown, peak = meter.now(), meter.peak()
             order = forward_use_order(loss, params)
             del loss
         self.depth_order = order
-        return Probe(order, max(sum(saved.values()), grown), max(saved.values(), default=0))
+        return Probe(order, max(sum(saved.values()), grown), max(saved.values(), default=0),
+                     max(peak - grown, 0))
 
 
 def _checked_loss(loss, which: str, count: int) -> torch.Tensor:

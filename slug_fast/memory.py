@@ -15,6 +15,7 @@ import math
 import os
 import re
 import resource
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -118,25 +119,50 @@ def in_use(device: torch.device | str = "cpu") -> int:
         return 0
 
 
-class PeakMeter:
-    """Measures the peak memory above the level at entry, on a device.
+def _peak_level(device: torch.device, exact: bool) -> int:
+    """The absolute peak since the counter was last reset (CUDA allocated, or RSS)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    hwm = _hwm() if exact else None
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    CUDA: torch.cuda.max_memory_allocated (its peak counter is reset at entry).
-    CPU: the process's peak RSS; on Linux its high-water mark is reset at entry
+
+# started meters, whose peaks an inner meter's reset must not lose (weak: a meter dropped
+# without stop(), by an exception say, leaves with its last reference)
+_ACTIVE: "weakref.WeakSet[PeakMeter]" = weakref.WeakSet()
+
+
+class PeakMeter:
+    """Measures the peak memory above the level at start, on a device; meters nest.
+
+    CUDA: torch.cuda.max_memory_allocated (its peak counter is reset at start).
+    CPU: the process's peak RSS; on Linux its high-water mark is reset at start
     (/proc/self/clear_refs), elsewhere the peak since the process started is used.
+    A meter started inside another first hands the outer one the peak so far.
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.base = 0
+        self.carried = 0  # the highest level seen before an inner meter's reset
         self.source = ""
         self.exact = True
 
     def __enter__(self) -> "PeakMeter":
         return self.start()
 
+    def __exit__(self, *exc) -> bool:
+        self.stop()
+        return False
+
     def start(self) -> "PeakMeter":
         """Take the current level as the base and reset the peak counter."""
+        for outer in _ACTIVE:
+            if outer.device.type == self.device.type:
+                outer.carried = max(outer.carried, _peak_level(outer.device, outer.exact))
+        self.carried = 0
+        _ACTIVE.add(self)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
@@ -145,36 +171,25 @@ class PeakMeter:
             return self
         try:
             self.base = _rss()
-        except OSError:
-            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            self.exact = False
-            self.source = "ru_maxrss (since the process started)"
-            return self
-        try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
             self.source = "peak RSS (VmHWM)"
-        except OSError:
+        except OSError:  # no /proc: how far the process's lifetime peak rises from here
             self.exact = False
-            self.source = "ru_maxrss (since the process started)"
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.source = "rise of ru_maxrss (the process's lifetime peak)"
         return self
 
-    def __exit__(self, *exc) -> bool:
-        return False
+    def stop(self) -> None:
+        _ACTIVE.discard(self)
 
     def now(self) -> int:
-        """Bytes in use above the level at entry, now."""
+        """Bytes in use above the level at start, now."""
         return in_use(self.device) - self.base
 
     def peak(self) -> int:
-        """Peak bytes above the level at entry so far."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return max(torch.cuda.max_memory_allocated(self.device) - self.base, 0)
-        hwm = _hwm() if self.exact else None
-        if hwm is None:
-            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return max(hwm - self.base, 0)
+        """Peak bytes above the level at start so far."""
+        return max(max(self.carried, _peak_level(self.device, self.exact)) - self.base, 0)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -209,14 +224,15 @@ class MemoryPlan:
 
     groups: the layers differentiated in each pass (one group for full and offload),
     deepest first. predicted: bytes above the loaded model on the model's device, by part.
-    keep_bytes: what the chunked store may spend on forget gradients of front layers.
+    keep_bytes: what the chunked store may spend on forget gradients of front layers
+    (None: no limit).
     """
 
     mode: str
     groups: list[list[str]]
     budget: int | None
     predicted: dict[str, int]
-    keep_bytes: int = 0
+    keep_bytes: int | None = None  # None: no limit
     host_bytes: int = 0
     device: str = "cpu"
     stream_bytes: int = STREAM_BYTES
@@ -264,12 +280,14 @@ class MemoryReport:
         return asdict(self)
 
 
-def transient_bytes(layers: Sequence[Layer], largest_activation: int) -> int:
+def transient_bytes(layers: Sequence[Layer], largest_activation: int, forward_transient: int = 0) -> int:
     """Short-lived extras of a pass: one layer's gradient as autograd hands it over and its
-    float32 copy while it is finished, and the activation gradients in flight in backward."""
+    float32 copy while it is finished, and in backward either the activation gradients in
+    flight or, where larger, a block's short-lived tensors (measured in the probe's forward;
+    a checkpointed block makes them again when backward recomputes it)."""
     largest = max((l.numel for l in layers), default=0)
     element = max((l.element_size for l in layers), default=4)
-    return largest * (element + 4) + 2 * largest_activation
+    return largest * (element + 4) + max(2 * largest_activation, forward_transient)
 
 
 def balanced_groups(units: Sequence[Sequence[Layer]], count: int) -> list[list[Layer]]:
@@ -313,7 +331,8 @@ def _cut(sizes: Sequence[int], capacity: int) -> list[tuple[int, int]]:
 
 
 def plan(units: Sequence[Sequence[Layer]], *, budget: int | None, activations: int, largest_activation: int,
-         device: torch.device, mode: str = "auto", passes: int | None = None) -> MemoryPlan:
+         device: torch.device, mode: str = "auto", passes: int | None = None,
+         forward_transient: int = 0) -> MemoryPlan:
     """Choose the store and its passes for `units` (groups of layers that move together,
     deepest first) so that the predicted peak fits `budget` (bytes, or None for no limit).
 
@@ -326,7 +345,7 @@ def plan(units: Sequence[Sequence[Layer]], *, budget: int | None, activations: i
     layers = [l for u in units for l in u]
     if not layers:
         raise SlugError("nothing to differentiate: no layer was chosen")
-    transient = transient_bytes(layers, largest_activation)
+    transient = transient_bytes(layers, largest_activation, forward_transient)
     state = sum(l.state_bytes for l in layers)
     base = {"activations": activations, "transient": transient}
     dev = str(device)
@@ -354,11 +373,11 @@ def plan(units: Sequence[Sequence[Layer]], *, budget: int | None, activations: i
         groups = balanced_groups(units, count)
         peak_state = max(sum(l.state_bytes for l in g) for g in groups)
         if budget is not None:
-            keep = max(keep_min, budget - activations - transient - peak_state)
-        else:
-            keep = max(keep_min, int(KEEP_SHARE * state))
+            keep = allowance = max(keep_min, budget - activations - transient - peak_state)
+        else:  # no limit: keep every front layer; predict a typical front's share
+            keep, allowance = max(keep_min, int(KEEP_SHARE * state)), None
         return MemoryPlan("chunked", [[l.name for l in g] for g in groups], budget,
-                          {"gradients": peak_state, "kept": keep, **base}, keep_bytes=keep, device=dev)
+                          {"gradients": peak_state, "kept": keep, **base}, keep_bytes=allowance, device=dev)
 
     if mode == "full":
         return full()

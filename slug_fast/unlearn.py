@@ -246,6 +246,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
             edit.commit()
         edit_backend = edit.used_backend
     times["total"] = time.perf_counter() - t0
+    meter.stop()
     report = MemoryReport(memory_plan.mode, passes_run, budget,
                           memory_plan.predicted_peak if activations is not None else None, meter.peak(),
                           meter.source, sum(named[n].numel() * named[n].element_size() for n in names),
@@ -276,7 +277,8 @@ def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, p
         members = [m for m in (group_of(name, names) if grouped else [name]) if m not in seen]
         seen.update(members)
         units.append(layers_of(run, sorted(members, key=position.get)))
-    sizes = dict(activations=probe.activation_bytes, largest_activation=probe.largest_activation, device=device)
+    sizes = dict(activations=probe.activation_bytes, largest_activation=probe.largest_activation,
+                 forward_transient=probe.forward_transient, device=device)
     chosen = plan(units, budget=budget, mode=store, passes=passes, **sizes)
     return chosen, probe.activation_bytes, plan(units, budget=None, mode="full", **sizes).predicted_peak
 

@@ -111,6 +111,13 @@ def test_offload_is_cuda_only_and_preferred_there_over_many_passes():
         plan(units, budget=None, mode="sideways", **cpu)
 
 
+def test_transient_known_answers():
+    pair = [Layer("a", 100, 2), Layer("b", 10, 2)]
+    assert transient_bytes(pair, 50) == 100 * (2 + 4) + 2 * 50
+    assert transient_bytes(pair, 50, forward_transient=500) == 100 * (2 + 4) + 500
+    assert transient_bytes([Layer("c", 7, 4)], 0) == 7 * 8
+
+
 def test_float32_and_float64_states():
     assert Layer("a", 10, 4).state_bytes == 80 and Layer("a", 10, 8).state_bytes == 160
     assert Layer("a", 10, 2).state_bytes == 60
@@ -123,3 +130,14 @@ def test_peak_meter_sees_a_transient_allocation():
         peak = meter.peak()
     assert peak >= 60 << 20, f"{meter.source}: {peak}"
     assert meter.now() < peak
+
+
+def test_peak_meters_nest_without_losing_the_outer_peak():
+    with PeakMeter("cpu") as outer:
+        block = torch.ones(16 << 20, dtype=torch.float32)  # 64 MiB seen by the outer meter only
+        del block
+        with PeakMeter("cpu") as inner:  # resets the high-water mark
+            small = torch.ones(1 << 20)
+            del small
+            assert inner.peak() < 60 << 20
+        assert outer.peak() >= 60 << 20

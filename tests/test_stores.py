@@ -98,6 +98,7 @@ def test_hf_clip_every_store_gives_the_same_answer_with_grouped_layers(dtype):
     full, *others = run_stores(model, adapter, forget, retain, criterion, tokenizer=tok)
     for other in others:
         assert_same_outcome(full, other)
+    assert not any(other.memory.final_pass for other in others[:-1])  # q/k/v kept with their front layer
     for res in (full, *others):  # q/k/v (fc1/fc2) never split across passes
         for groups in [res.memory.groups]:
             assert sum(groups) == len(full.stats.names)
@@ -359,6 +360,20 @@ def test_hf_checkpointing_acts_in_eval_mode_and_restores_every_flag():
     assert not any("_gradient_checkpointing_func" in m.__dict__ for m in model.modules())
 
 
+def test_hf_checkpointing_context_flags_only_the_layers_and_restores_them():
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from slug_fast.adapters.checkpointing import hf_checkpointing
+
+    model = tiny_hf_clip()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    with hf_checkpointing(model):
+        assert layers and all(m.training and m.gradient_checkpointing for m in layers)
+        assert not any(m.training for m in model.modules() if not isinstance(m, GradientCheckpointingLayer))
+    assert not any(m.training or m.gradient_checkpointing for m in layers)
+    assert not any("gradient_checkpointing" in m.__dict__ for m in layers)
+
+
 def test_checkpointing_of_an_unknown_model_is_refused():
     from slug_fast.adapters import GenericAdapter
 
@@ -381,3 +396,25 @@ def test_unlearn_with_checkpointing_and_a_budget_reports_its_memory(digits_model
     assert mem["measured_peak_bytes"] >= 0 and mem["measured_by"] == "peak RSS (VmHWM)"
     assert plain.memory.predicted_peak_bytes is None  # no budget: no probe, no prediction
     assert plain.to_dict()["memory"]["mode"] == "full"
+
+
+def test_chunked_passes_record_one_forward_and_compute_each_gradient_once(gen):
+    """Every pass sees the same requires_grad flags (the same forward graph), and backward
+    stops at the pass's group: each layer's gradient is computed in its own pass only."""
+    model, forget, retain = gradient_sets(gen)
+    names = ["inp.weight", "mid.weight", "mid.bias", "out.weight"]
+    computed = {n: 0 for n in names}
+    for n, p in model.named_parameters():
+        if n in computed:
+            p.register_hook(lambda g, n=n: computed.__setitem__(n, computed[n] + 1))
+    flags = []
+
+    def loss(m, batch):
+        flags.append(tuple(p.requires_grad for p in m.parameters()))
+        return mse(m, batch)
+
+    store = ChunkedStore(passes=3, keep=lambda seen: seen.names)
+    slug_fast.compute_gradients(model, forget, retain, loss, params=names, progress=False, store=store)
+    assert len(store.groups) == 3 and not store.final_pass
+    assert computed == {n: len(forget) + len(retain) for n in names}
+    assert len(set(flags)) == 1 and sum(flags[0]) == len(names)
