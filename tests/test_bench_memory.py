@@ -16,10 +16,10 @@ def run(tmp_path, *args):
 
 
 def test_each_mode_runs_in_its_own_process_and_prints_its_row(tmp_path):
-    stdout, rows = run(tmp_path, "--models", "digits", "--modes", "full,chunked3,budget40")
-    assert [r["mode"] for r in rows] == ["full", "chunked3", "budget40"]
+    stdout, rows = run(tmp_path, "--models", "digits", "--modes", "full,chunked3,budget100")
+    assert [r["mode"] for r in rows] == ["full", "chunked3", "budget100"]
     assert [r["store"] for r in rows[:2]] == ["full", "chunked"] and rows[1]["passes"] == 3
-    assert rows[2]["budget_bytes"] == 40 * rows[2]["weight_bytes"] and rows[2]["predicted_bytes"] <= rows[2]["budget_bytes"]
+    assert rows[2]["budget_bytes"] == 100 * rows[2]["weight_bytes"] and rows[2]["predicted_bytes"] <= rows[2]["budget_bytes"]
     assert rows[0]["chosen"] == rows[1]["chosen"] == rows[2]["chosen"] and rows[0]["step"] == rows[1]["step"]
     assert all(r["peak_bytes"] >= 0 and r["seconds"] > 0 for r in rows)
     assert "chunked3" in stdout and "x full" in stdout

@@ -59,7 +59,8 @@ def run_stores(model, adapter, forget, retain, criterion, **options):
         assert res.memory.mode == "chunked" and len(res.memory.groups) == passes
         outcomes.append(res)
     probe = outcomes[1].memory
-    budget = probe.predicted["activations"] + probe.predicted["transient"] + probe.weight_bytes  # < full's need
+    fixed = sum(v for part, v in probe.predicted.items() if part not in ("gradients", "kept"))
+    budget = fixed + probe.weight_bytes  # below the full store's need of about 2-3x the weights
     res = slug_fast.unlearn(model, forget, retain, criterion, memory_budget=budget, **common)
     assert res.memory.mode == "chunked" and res.memory.budget_bytes == budget
     assert res.memory.predicted_peak_bytes <= budget < res.memory.predicted_full_bytes
