@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -179,6 +180,7 @@ def main(argv=None):
     ap.add_argument("--family", choices=["open_clip", "hf"], default="open_clip",
                     help="open_clip models, or transformers CLIPModels of the same shapes (default open_clip)")
     ap.add_argument("--jsonl", help="append each run's row to this file as it finishes")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of every mode (medians of the time ratios)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # one run, in this process
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -192,24 +194,33 @@ def main(argv=None):
           "model and dtype", flush=True)
     print(f"{'model':<12}{'dtype':<6}{'mode':<16}{'store':<9}{'passes':>6}{'peak':>9}{'pred':>9}{'-act':>9}"
           f"{'wall s':>9}{'x full':>7}{'grad s':>9}{'x full':>7}", flush=True)
+    ratios: dict[tuple, list[float]] = {}
     for model in args.models.split(","):
         for dtype in args.dtypes.split(","):
-            full = None
-            for mode in args.modes.split(","):
-                cmd = [sys.executable, __file__, "--one", "--model", model, "--dtype", dtype, "--mode", mode,
-                       "--images", str(args.images), "--device", args.device, "--family", args.family]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:
-                    tail = (done.stderr.strip().splitlines() or ["?"])[-1]
-                    print(f"{model:<12}{dtype:<6}{mode:<16}failed: {tail}", flush=True)
-                    continue
-                row = json.loads(done.stdout.strip().splitlines()[-1])
-                if mode == "full":
-                    full = row
-                print(fmt(row, full if mode != "full" else None), flush=True)
-                if args.jsonl:
-                    with open(args.jsonl, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+            for repeat in range(args.repeats):  # modes interleaved, round by round
+                full = None
+                for mode in args.modes.split(","):
+                    cmd = [sys.executable, __file__, "--one", "--model", model, "--dtype", dtype, "--mode", mode,
+                           "--images", str(args.images), "--device", args.device, "--family", args.family]
+                    done = subprocess.run(cmd, capture_output=True, text=True)
+                    if done.returncode != 0:
+                        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+                        print(f"{model:<12}{dtype:<6}{mode:<16}failed: {tail}", flush=True)
+                        continue
+                    row = {**json.loads(done.stdout.strip().splitlines()[-1]), "repeat": repeat}
+                    if mode == "full":
+                        full = row
+                    elif full is not None:
+                        ratios.setdefault((model, dtype, mode), []).append(row["seconds"] / full["seconds"])
+                    print(fmt(row, full if mode != "full" else None), flush=True)
+                    if args.jsonl:
+                        with open(args.jsonl, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+    if args.repeats > 1:
+        print("median wall-time ratio to full over the rounds:", flush=True)
+        for (model, dtype, mode), values in ratios.items():
+            print(f"  {model} {dtype} {mode}: {statistics.median(values):.2f} "
+                  f"({', '.join(f'{v:.2f}' for v in values)})", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,19 @@ from .edit import LayerEdit
 from .errors import CriterionNotReached, DeltaError, NonFiniteError, SlugError
 from .gradients import Gradients, compute_gradients
 from .losses import clip_forget_loss, clip_retain_loss
+from .memory import MemoryReport
 from .pareto import is_eligible, pareto_front
 from .search import Evaluation, SearchResult, search_step, start_step
 from .stats import LayerStats, layer_stats
+from .stores import ChunkedStore, FullStore, GradientStore, OffloadStore
 from .unlearn import Candidate, UnlearnResult, unlearn
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "adapters", "data", "eval", "Candidate", "CriterionNotReached", "DeltaError", "Evaluation", "Gradients", "LayerEdit",
-    "LayerStats", "NonFiniteError", "SearchResult", "SlugError", "UnlearnResult", "apply_delta",
-    "backends", "clip_forget_loss", "clip_retain_loss", "compute_gradients", "is_eligible",
-    "layer_stats", "load_delta", "pareto_front", "save_delta", "search_step", "start_step", "unlearn",
+    "adapters", "data", "eval", "Candidate", "ChunkedStore", "CriterionNotReached", "DeltaError", "Evaluation",
+    "FullStore", "GradientStore", "Gradients", "LayerEdit", "LayerStats", "MemoryReport", "NonFiniteError",
+    "OffloadStore", "SearchResult", "SlugError", "UnlearnResult", "apply_delta", "backends", "clip_forget_loss",
+    "clip_retain_loss", "compute_gradients", "is_eligible", "layer_stats", "load_delta", "pareto_front",
+    "save_delta", "search_step", "start_step", "unlearn",
 ]

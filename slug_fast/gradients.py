@@ -205,32 +205,33 @@ class GradientPass:
     nn.MultiheadAttention's fast path is off (eval-mode attention takes it where no
     parameter needs a gradient, with results that differ in the last bits), `checkpointing`
     (a context manager factory: the adapter's activation checkpointing) is entered, and all
-    of it is restored afterwards. With `repeats`, the sets must be re-iterable and are
-    checked to be the same each run.
+    of it is restored afterwards.
     """
 
     def __init__(self, model: torch.nn.Module, forget_batches: Iterable, retain_batches: Iterable | None,
                  forget_loss: Loss, retain_loss: Loss | None, names: Sequence[str], *, train_mode: bool = False,
-                 progress: bool | None = None, checkpointing: Callable[[], contextlib.AbstractContextManager] | None
-                 = None, repeats: bool = False):
+                 progress: bool | None = None,
+                 checkpointing: Callable[[], contextlib.AbstractContextManager] | None = None):
         self.model = model
         self.named = dict(model.named_parameters())
         self.names = list(names)
         self.sets = {"forget": forget_batches, "retain": retain_batches}
         self.losses = {"forget": forget_loss, "retain": retain_loss or forget_loss}
         self.train_mode, self.progress, self.checkpointing = train_mode, progress, checkpointing
-        self.repeats = repeats
+        self.repeats = False
         self.counts: dict[str, int] = {}
         self.fingerprints: dict[str, list] = {}
         self.depth_order: list[str] | None = None
-        self.runs = 0
         self.versions: list[int] = []
-        if repeats:
-            for which, batches in self.sets.items():
-                if batches is not None and iter(batches) is batches:
-                    raise SlugError(f"the {which} batches are a one-shot iterator, but this gradient store reads "
-                                    "each set once per pass: pass a list of batches or a re-iterable such as a "
-                                    "DataLoader")
+
+    def require_repeats(self) -> None:
+        """For stores that read each set more than once: refuse one-shot iterators, and from the
+        next run on fingerprint every batch to check that the sets come back the same."""
+        for which, batches in self.sets.items():
+            if batches is not None and iter(batches) is batches:
+                raise SlugError(f"the {which} batches are a one-shot iterator, but this gradient store reads each "
+                                "set once per pass: pass a list of batches or a re-iterable such as a DataLoader")
+        self.repeats = True
 
     @property
     def has_retain(self) -> bool:
@@ -279,7 +280,6 @@ class GradientPass:
         with self.prepared():
             for which, sums in sinks.items():
                 self._run_set(which, sums, order and which == "forget")
-        self.runs += 1
 
     def _run_set(self, which: str, sums: Sums, order: bool) -> None:
         params = sums.params
@@ -443,7 +443,6 @@ def compute_gradients(model: torch.nn.Module, forget_batches: Iterable, retain_b
     names = resolve_params(model, params)
     chosen = make_store(store)
     run = GradientPass(model, forget_batches, retain_batches, forget_loss, retain_loss, names,
-                       train_mode=train_mode, progress=progress, checkpointing=checkpointing,
-                       repeats=chosen.repeats)
+                       train_mode=train_mode, progress=progress, checkpointing=checkpointing)
     chosen.collect(run)
     return Gradients(chosen, run)

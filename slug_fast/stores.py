@@ -40,7 +40,6 @@ class GradientStore:
     """What every store offers the engine (see the module docstring for the three kinds)."""
 
     mode = ""
-    repeats = False  # whether it reads the sets more than once
     passes = 0
     final_pass = False  # whether a forget-only pass had to recompute directions
 
@@ -112,7 +111,6 @@ class ChunkedStore(GradientStore):
     """
 
     mode = "chunked"
-    repeats = True
 
     def __init__(self, passes: int | None = None, groups: Sequence[Sequence[str]] | None = None, *,
                  keep: KeepPolicy | None = None, keep_bytes: int | None = None, backend: str = "auto"):
@@ -125,13 +123,13 @@ class ChunkedStore(GradientStore):
         self.keep, self.keep_bytes, self.backend = keep, keep_bytes, backend
         self.run: GradientPass | None = None
         self.kept: dict[str, torch.Tensor] = {}
-        self.kept_peak = 0
         self.stats: LayerStats | None = None
         self.used_backend = backend
 
     def collect(self, run: GradientPass) -> None:
         if not run.has_retain:
             raise SlugError("the chunked store computes statistics as it goes and needs the retain set")
+        run.require_repeats()
         self.run = run
         if self.groups is None:
             order = run.depth_order or run.probe().use_order
@@ -176,7 +174,6 @@ class ChunkedStore(GradientStore):
             kept[name] = t
             used += size
         self.kept = kept
-        self.kept_peak = max(self.kept_peak, used)
 
     def layer_stats(self, backend: str = "auto") -> LayerStats:
         self._check_backend(backend)

@@ -19,7 +19,8 @@ from .edit import LayerEdit
 from .errors import CriterionNotReached, SlugError
 from .fastsearch import DEFAULT_MAX_BYTES, upstream_replay
 from .gradients import GradientPass, Gradients, Loss, resolve_params
-from .memory import MODES, MemoryPlan, MemoryReport, PeakMeter, parse_budget, plan
+from .memory import (MAX_PREFERRED_PASSES, MODES, MemoryPlan, MemoryReport, PeakMeter, format_bytes, parse_budget,
+                     plan)
 from .pareto import (NameRule, deepest, default_towers, group_of, is_eligible, matches, pareto_front,
                      split_towers)
 from .search import Evaluation, SearchResult, criterion_result, search_step, start_step
@@ -179,6 +180,10 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
                        checkpointing=ad.activation_checkpointing if checkpointing else None)
     memory_plan, activations, full_need = _plan_memory(run, names, budget_spec, store, passes, grouped, device)
     log.info("%s", memory_plan.describe())
+    if memory_plan.passes > 2 * MAX_PREFERRED_PASSES and passes is None and not checkpointing:
+        log.warning("the budget leaves room for few gradients beside one batch's activations (%s): %d passes; "
+                    "checkpointing=True or smaller batches would need fewer", format_bytes(activations),
+                    memory_plan.passes)
 
     def keep(seen: LayerStats) -> list[str]:  # the chunked store keeps the running fronts' forget gradients
         fronts_now = _fronts(seen, _usable_by_tower(seen, rules, complete=False), backend)

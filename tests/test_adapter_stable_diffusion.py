@@ -287,6 +287,13 @@ def test_sd2_like_encoder_with_a_layer_fewer_never_edits_the_missing_layer(tok):
                                    tokenizer=tok, strategy=strategy, apply=False, progress=False)
         assert result.stats.names and not any(".layers.2." in n for n in result.stats.names)
         assert all(".layers.2." not in n for c in result.candidates for n in c.layers)
+    # the chunked store with the CLIP model's checkpointing: the same pipeline delta, bit for bit
+    lean = slug_fast.unlearn(pipe, forget, retain, cos_drop(clip, forget, 0.05), clip_model=clip, tokenizer=tok,
+                             strategy="best", apply=False, progress=False, store="chunked", passes=3,
+                             checkpointing=True)
+    assert lean.memory.mode == "chunked" and lean.memory.checkpointing
+    assert lean.layers == result.layers and lean.step == result.step and lean.delta.keys() == result.delta.keys()
+    assert all(torch.equal(lean.delta[k], result.delta[k]) for k in result.delta)
     result = slug_fast.unlearn(pipe, forget, retain, cos_drop(clip, forget, 0.05), clip_model=clip, tokenizer=tok,
                                strategy="deepest", progress=False)
     pipe_changed, clip_changed = changed(pipe_before, snapshot(pipe)), changed(clip_before, snapshot(clip))

@@ -56,10 +56,14 @@ def run(*args):
 def test_unlearn_then_apply_round_trip(saved, tmp_path):
     out = tmp_path / "run"
     res = run("unlearn", "--model", saved["model"], "--data", saved["train"], "--eval-data", saved["test"],
-              "--concept", "seven", "--class-names", CLASSES, "--out", out, "--quiet")
+              "--concept", "seven", "--class-names", CLASSES, "--out", out, "--quiet", "--memory-budget", "2GB",
+              "--checkpointing")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report == json.loads((out / "report.json").read_text())
+    memory = report["unlearn"]["memory"]
+    assert memory["budget_bytes"] == 2 * 10**9 and memory["checkpointing"] and memory["mode"] == "full"
+    assert "gradient store: full, 1 pass(es)" in (out / "report.md").read_text()
     assert report["forget"]["top5_after"] == 0.0 and report["forget"]["top1_before"] > 50
     assert report["retain"]["top1_after"] > report["retain"]["top1_before"] - 25
     assert set(report["mia"]) == {"loss_before", "loss_after", "distance_before", "distance_after"}
@@ -88,6 +92,8 @@ def test_unlearn_then_apply_round_trip(saved, tmp_path):
     (["--concept", "eleven"], "no caption among"),
     (["--concept", "seven", "--class-names", "seven"], "at least one name besides the concept"),
     (["--concept", "seven", "--model", "/nonexistent/model"], "could not load '/nonexistent/model'"),
+    (["--concept", "seven", "--memory-budget", "lots"], "memory_budget is bytes (an int) or a string like '12GB'"),
+    (["--concept", "seven", "--memory-budget", "1000"], "memory_budget 1000 B is too small: the smallest plan"),
 ])
 def test_unlearn_bad_input_exits_2_and_writes_nothing(saved, tmp_path, args, message):
     out = tmp_path / "out"

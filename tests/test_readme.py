@@ -416,3 +416,36 @@ def test_llava_example(llava_trained, tmp_path, monkeypatch, capsys):
     assert rate(after, forget_items) == 0.0, after  # the forget answer rate is 0
     assert rate(llava_answers(model, processor, retain_items), retain_items) >= retain0 - 0.25
     assert str(result.edited) in capsys.readouterr().out
+
+
+def test_big_models_example(open_clip_dir, digits_trained, tmp_path, monkeypatch, capsys):
+    """The memory-budget example: the same edit as without a budget, and the plan reported."""
+    import open_clip
+
+    from slug_fast import digits
+    from slug_fast.data import pairs_from
+
+    state, data = digits_trained
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{open_clip_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{open_clip_dir}")
+    model.eval()
+    items, _ = digit_pairs(data, 300)
+    pairs = pairs_from(items)
+    concept, class_names, k = "seven", list(digits.DIGIT_NAMES), 5
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+
+    ns = run_example("big-models", dict(model=model, preprocess=preprocess, tokenizer=tokenizer, pairs=pairs,
+                                        concept=concept, class_names=class_names, k=k))
+    result = ns["result"]
+    memory = result.memory.to_dict()
+    assert memory["budget_bytes"] == 3 * 10**9 and memory["checkpointing"]
+    assert memory["mode"] == "full" and memory["predicted_peak_bytes"] <= memory["budget_bytes"]  # a tiny model
+    assert f"{memory['mode']} {memory['passes']}" in capsys.readouterr().out
+
+    fresh, _, _ = open_clip.create_model_and_transforms(f"local-dir:{open_clip_dir}")
+    adapter = slug_fast.adapters.get_adapter(fresh.eval(), tokenizer=tokenizer, preprocess=preprocess)
+    plain = slug_fast.unlearn(adapter, adapter.make_batches(ns["forget"], 8), adapter.make_batches(ns["retain"], 8),
+                              ns["criterion"], apply=False, progress=False)
+    assert plain.edited == result.edited and plain.step == result.step

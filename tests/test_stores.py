@@ -186,6 +186,9 @@ def test_chunked_reads_each_set_again_and_insists_it_is_the_same(gen):
     model, forget, retain = gradient_sets(gen)
     with pytest.raises(SlugError, match="one-shot iterator"):
         slug_fast.compute_gradients(model, iter(forget), retain, mse, store=ChunkedStore(passes=2))
+    with pytest.raises(SlugError, match="the retain batches are a one-shot iterator"):
+        slug_fast.unlearn(model, forget, (b for b in retain), lambda m: True, forget_loss=mse, retain_loss=mse,
+                          store="chunked", passes=2, progress=False)
 
     class Shuffled:  # re-iterable, but in another order each time
         def __init__(self, items):
@@ -419,3 +422,29 @@ def test_chunked_passes_record_one_forward_and_compute_each_gradient_once(gen):
     assert len(store.groups) == 3 and not store.final_pass
     assert computed == {n: len(forget) + len(retain) for n in names}
     assert len(set(flags)) == 1 and sum(flags[0]) == len(names)
+
+
+def test_a_budget_that_needs_many_passes_says_checkpointing_would_help(gen, caplog):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(20)])
+    x = torch.randn(4, 256, generator=gen)
+
+    def forget_loss(m, batch):
+        return m(batch).pow(2).mean()
+
+    def retain_loss(m, batch):
+        return m(batch).abs().mean()
+
+    kw = dict(forget_loss=forget_loss, retain_loss=retain_loss, apply=False, progress=False)
+    for _ in range(2):  # the second probe's figures: the first run in a process also grows the allocator
+        first = slug_fast.unlearn(model, [x], [x], lambda m: True, store="chunked", passes=2, **kw).memory
+    fixed = sum(v for part, v in first.predicted.items() if part not in ("gradients", "kept"))
+    layer = 256 * 256 * 4  # bytes of one weight; its pass holds twice that (gradient and running sum)
+    budget = fixed + layer + 2 * 2 * layer  # room to keep one direction and two layers' gradients per pass
+    with caplog.at_level("INFO", logger="slug_fast"):
+        result = slug_fast.unlearn(model, [x], [x], lambda m: True, memory_budget=budget, **kw)
+    passes = len(result.memory.groups)
+    assert result.memory.mode == "chunked" and passes >= 9  # 10, one fewer if the probe measured less
+    assert any(f"gradient store chunked: {passes} pass(es)" in r.getMessage() for r in caplog.records)
+    assert any(r.levelname == "WARNING" and "checkpointing=True or smaller batches" in r.getMessage()
+               for r in caplog.records)

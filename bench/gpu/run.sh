@@ -16,5 +16,5 @@ if [ "$stage" = all ] || [ "$stage" = kernels ]; then
 fi
 if [ "$stage" = all ] || [ "$stage" = memory ]; then
   python3 bench/bench_memory.py --family hf --device cuda --models ViT-L-14,ViT-H-14 --dtypes bf16 \
-    --modes full,chunked4,offload,budget0.5 --images 16 --jsonl "${OUT:-.}/memory.jsonl"
+    --modes full,chunked4,offload,budget0.5+ckpt --images 16 --jsonl "${OUT:-.}/memory.jsonl"
 fi
