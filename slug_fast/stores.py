@@ -59,10 +59,19 @@ class GradientStore:
     def nbytes(self) -> int:
         return 0
 
-    def _check_backend(self, backend: str) -> None:
+
+class _StatsAsItGoes(GradientStore):
+    """A store that takes the statistics during its passes, with one backend."""
+
+    def __init__(self, backend: str):
+        self.backend = self.used_backend = backend
+        self.stats: LayerStats | None = None
+
+    def layer_stats(self, backend: str = "auto") -> LayerStats:
         if backend not in ("auto", self.backend):
             raise SlugError(f"the {self.mode} store took its statistics with backend {self.backend!r} during the "
                             f"passes; pass backend={backend!r} to the store to use that one")
+        return self.stats
 
 
 class FullStore(GradientStore):
@@ -100,7 +109,7 @@ class FullStore(GradientStore):
         return _nbytes(self.forget.values()) + _nbytes((self.retain or {}).values())
 
 
-class ChunkedStore(GradientStore):
+class ChunkedStore(_StatsAsItGoes):
     """Exact statistics in several passes, one group of layers each, deepest group first.
 
     passes: how many groups to cut the layers into (balanced by bytes); or groups: the
@@ -118,13 +127,12 @@ class ChunkedStore(GradientStore):
             raise SlugError("ChunkedStore takes passes= (a number of groups) or groups= (lists of layer names)")
         if passes is not None and (not isinstance(passes, int) or passes < 1):
             raise SlugError(f"passes must be a positive integer, got {passes!r}")
+        super().__init__(backend)
         self.requested = passes
         self.groups = [list(g) for g in groups] if groups is not None else None
-        self.keep, self.keep_bytes, self.backend = keep, keep_bytes, backend
+        self.keep, self.keep_bytes = keep, keep_bytes
         self.run: GradientPass | None = None
         self.kept: dict[str, torch.Tensor] = {}
-        self.stats: LayerStats | None = None
-        self.used_backend = backend
 
     def collect(self, run: GradientPass) -> None:
         if not run.has_retain:
@@ -175,10 +183,6 @@ class ChunkedStore(GradientStore):
             used += size
         self.kept = kept
 
-    def layer_stats(self, backend: str = "auto") -> LayerStats:
-        self._check_backend(backend)
-        return self.stats
-
     def directions(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         missing = [n for n in dict.fromkeys(names) if n not in self.kept]
         if missing:  # one forget-only pass over just those layers
@@ -193,7 +197,7 @@ class ChunkedStore(GradientStore):
         return _nbytes(self.kept.values())
 
 
-class OffloadStore(GradientStore):
+class OffloadStore(_StatsAsItGoes):
     """One pass whose running sums live in (pinned) host memory: the device holds activations
     and about one layer's gradient beyond the weights. The statistics stream the gradients
     back to the parameters' device `stream_bytes` at a time and use its backend."""
@@ -201,10 +205,9 @@ class OffloadStore(GradientStore):
     mode = "offload"
 
     def __init__(self, *, backend: str = "auto", stream_bytes: int = STREAM_BYTES):
-        self.backend, self.stream_bytes = backend, int(stream_bytes)
+        super().__init__(backend)
+        self.stream_bytes = int(stream_bytes)
         self.forget: dict[str, torch.Tensor] = {}
-        self.stats: LayerStats | None = None
-        self.used_backend = backend
 
     def collect(self, run: GradientPass) -> None:
         if not run.has_retain:
@@ -238,10 +241,6 @@ class OffloadStore(GradientStore):
             current.append(name)
             size += nbytes
         return groups + ([current] if current else [])
-
-    def layer_stats(self, backend: str = "auto") -> LayerStats:
-        self._check_backend(backend)
-        return self.stats
 
     def directions(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         return {n: self.forget[n] for n in names}

@@ -126,21 +126,35 @@ def open_clip_dir(tmp_path, digits_trained):
     return root
 
 
-def test_open_clip_example(open_clip_dir, digits_trained, tmp_path, monkeypatch, capsys):
+def open_clip_standins(open_clip_dir, data, tmp_path, monkeypatch):
+    """The open_clip examples' names: the saved mini-CLIP through open_clip's own loaders and 300
+    captioned digits; also their labels. The working directory becomes an empty folder."""
     import open_clip
 
     from slug_fast import digits
     from slug_fast.data import pairs_from
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{open_clip_dir}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{open_clip_dir}")
+    items, labels = digit_pairs(data, 300)
+    standins = dict(model=model.eval(), preprocess=preprocess, tokenizer=tokenizer, pairs=pairs_from(items),
+                    concept="seven", class_names=list(digits.DIGIT_NAMES), k=5)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return standins, items, labels
+
+
+def test_open_clip_example(open_clip_dir, digits_trained, tmp_path, monkeypatch, capsys):
+    import open_clip
+
     from slug_fast.eval.zero_shot import IDENTITY_TEMPLATES
 
     state, data = digits_trained
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{open_clip_dir}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{open_clip_dir}")
-    model.eval()
+    standins, items, labels = open_clip_standins(open_clip_dir, data, tmp_path, monkeypatch)
+    model, preprocess, tokenizer = standins["model"], standins["preprocess"], standins["tokenizer"]
+    concept, class_names, k = standins["concept"], standins["class_names"], standins["k"]
     assert all(torch.equal(p, state[n]) for n, p in model.state_dict().items())  # the trained weights loaded
-    items, labels = digit_pairs(data, 300)
-    pairs = pairs_from(items)
-    concept, class_names, k = "seven", list(digits.DIGIT_NAMES), 5
     pixels = torch.stack([preprocess(im) for im, _ in items])
 
     def facts(m):
@@ -152,12 +166,8 @@ def test_open_clip_example(open_clip_dir, digits_trained, tmp_path, monkeypatch,
     known, others0 = facts(model)
     assert known > 0.9 and others0 > 0.5  # the concept and the other digits are known before
     before = params(model)
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
 
-    ns = run_example("open_clip", dict(model=model, preprocess=preprocess, tokenizer=tokenizer, pairs=pairs,
-                                       concept=concept, class_names=class_names, k=k))
+    ns = run_example("open_clip", standins)
 
     result = ns["result"]
     assert changed(before, model) == sorted(result.edited) and len(result.edited) == 1  # one layer, in place
@@ -169,7 +179,7 @@ def test_open_clip_example(open_clip_dir, digits_trained, tmp_path, monkeypatch,
     assert str(result.edited) in capsys.readouterr().out
 
     fresh, _, _ = open_clip.create_model_and_transforms(f"local-dir:{open_clip_dir}")
-    assert slug_fast.apply_delta(fresh, work / "unlearned_delta") == result.edited
+    assert slug_fast.apply_delta(fresh, tmp_path / "work" / "unlearned_delta") == result.edited
     edited = dict(model.named_parameters())
     assert all(torch.equal(p.detach(), edited[n].detach()) for n, p in fresh.named_parameters())
 
@@ -422,22 +432,8 @@ def test_big_models_example(open_clip_dir, digits_trained, tmp_path, monkeypatch
     """The memory-budget example: the same edit as without a budget, and the plan reported."""
     import open_clip
 
-    from slug_fast import digits
-    from slug_fast.data import pairs_from
-
-    state, data = digits_trained
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{open_clip_dir}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{open_clip_dir}")
-    model.eval()
-    items, _ = digit_pairs(data, 300)
-    pairs = pairs_from(items)
-    concept, class_names, k = "seven", list(digits.DIGIT_NAMES), 5
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-
-    ns = run_example("big-models", dict(model=model, preprocess=preprocess, tokenizer=tokenizer, pairs=pairs,
-                                        concept=concept, class_names=class_names, k=k))
+    standins, _, _ = open_clip_standins(open_clip_dir, digits_trained[1], tmp_path, monkeypatch)
+    ns = run_example("big-models", standins)
     result = ns["result"]
     memory = result.memory.to_dict()
     assert memory["budget_bytes"] == 3 * 10**9 and memory["checkpointing"]
@@ -445,7 +441,8 @@ def test_big_models_example(open_clip_dir, digits_trained, tmp_path, monkeypatch
     assert f"{memory['mode']} {memory['passes']}" in capsys.readouterr().out
 
     fresh, _, _ = open_clip.create_model_and_transforms(f"local-dir:{open_clip_dir}")
-    adapter = slug_fast.adapters.get_adapter(fresh.eval(), tokenizer=tokenizer, preprocess=preprocess)
+    adapter = slug_fast.adapters.get_adapter(fresh.eval(), tokenizer=standins["tokenizer"],
+                                             preprocess=standins["preprocess"])
     plain = slug_fast.unlearn(adapter, adapter.make_batches(ns["forget"], 8), adapter.make_batches(ns["retain"], 8),
                               ns["criterion"], apply=False, progress=False)
     assert plain.edited == result.edited and plain.step == result.step

@@ -448,3 +448,14 @@ def test_a_budget_that_needs_many_passes_says_checkpointing_would_help(gen, capl
     assert any(f"gradient store chunked: {passes} pass(es)" in r.getMessage() for r in caplog.records)
     assert any(r.levelname == "WARNING" and "checkpointing=True or smaller batches" in r.getMessage()
                for r in caplog.records)
+
+
+def test_stores_that_take_statistics_during_their_passes_keep_their_backend(gen):
+    model, forget, retain = gradient_sets(gen)
+    full = slug_fast.compute_gradients(model, forget, retain, mse, progress=False).layer_stats("torch")
+    for store in (ChunkedStore(passes=2, backend="torch"), OffloadStore(backend="torch")):
+        grads = slug_fast.compute_gradients(model, forget, retain, mse, progress=False, store=store)
+        stats = grads.layer_stats()
+        assert stats.backend == "torch" and all(torch.equal(getattr(stats, c), getattr(full, c)) for c in SUMS)
+        with pytest.raises(SlugError, match="took its statistics with backend 'torch' during the passes"):
+            grads.layer_stats("cpp")
