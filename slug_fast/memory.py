@@ -10,7 +10,6 @@ the device.
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -22,8 +21,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .errors import SlugError
-
-log = logging.getLogger("slug_fast")
 
 MODES = ("auto", "full", "chunked", "offload")
 # On a GPU the chunked store is preferred to offloading only while it needs few passes:
@@ -386,21 +383,27 @@ def plan(units: Sequence[Sequence[Layer]], *, budget: int | None, activations: i
         return MemoryPlan("chunked", [[l.name for l in g] for g in groups], budget,
                           {"gradients": peak_state, "kept": keep, **base}, keep_bytes=allowance, device=dev)
 
-    if mode == "full":
-        return full()
-    if mode == "offload":
-        if not cuda:
-            raise SlugError(f"the offload store keeps gradients in host memory for a model on a GPU; this model "
-                            f"is on {dev}: use 'chunked' to fit a budget there")
-        return offload()
-    if mode == "chunked":
-        if passes is None and budget is None:
-            raise SlugError("the chunked store needs memory_budget= or a number of passes to size its groups")
-        if passes is not None and passes < 1:
-            raise SlugError(f"passes must be at least 1, got {passes}")
-        chosen = chunked(passes)
-        if chosen is None:
-            raise _too_small(budget, units, activations, fixed, cuda)
+    if mode != "auto":
+        if mode == "full":
+            chosen = full()
+        elif mode == "offload":
+            if not cuda:
+                raise SlugError(f"the offload store keeps gradients in host memory for a model on a GPU; this "
+                                f"model is on {dev}: use 'chunked' to fit a budget there")
+            chosen = offload()
+        else:
+            if passes is None and budget is None:
+                raise SlugError("the chunked store needs memory_budget= or a number of passes to size its groups")
+            if passes is not None and passes < 1:
+                raise SlugError(f"passes must be at least 1, got {passes}")
+            chosen = chunked(passes)
+            if chosen is None:
+                raise _too_small(budget, units, activations, fixed, cuda)
+        if budget is not None and chosen.predicted_peak > budget:
+            what = f"the chunked store in {chosen.passes} passes" if mode == "chunked" else f"the {mode} store"
+            raise SlugError(f"{what} needs {format_bytes(chosen.predicted_peak)} above the loaded model, over "
+                            f"memory_budget {format_bytes(budget)}: leave store='auto' (and passes unset) to "
+                            "let the planner fit the budget, or raise it")
         return chosen
     if budget is None or full().predicted_peak <= budget:
         return full()

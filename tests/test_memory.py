@@ -143,3 +143,17 @@ def test_peak_meters_nest_without_losing_the_outer_peak():
             del small
             assert inner.peak() < 60 << 20
         assert outer.peak() >= 60 << 20
+
+
+def test_a_forced_store_over_the_budget_is_refused():
+    units = layers([1000] * 8)
+    cpu = dict(activations=400, largest_activation=50, device=torch.device("cpu"))
+    full = plan(units, budget=None, **cpu)
+    assert plan(units, budget=full.predicted_peak, mode="full", **cpu).mode == "full"
+    with pytest.raises(SlugError, match="the full store needs .* over memory_budget .* leave store='auto'"):
+        plan(units, budget=full.predicted_peak - 1, mode="full", **cpu)
+    two = plan(units, budget=None, mode="chunked", passes=2, **cpu)
+    tight = two.predicted_peak - two.predicted["kept"] + 2000 - 1  # a byte short of keeping one layer
+    with pytest.raises(SlugError, match="the chunked store in 2 passes needs"):
+        plan(units, budget=tight, mode="chunked", passes=2, **cpu)
+    assert plan(units, budget=tight, mode="chunked", **cpu).passes == 3
