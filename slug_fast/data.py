@@ -290,6 +290,25 @@ def pairs_from(items: Iterable) -> Pairs:
     return _finish(out, [], "the pair list", "pass a non-empty list of (image, caption) pairs")
 
 
+def shard(items: Sequence, rank: int | None = None, world: int | None = None) -> list:
+    """This process's share of `items` (pairs, batches, shard paths) for a run on several
+    processes: rank r of W gets the r-th of W contiguous blocks, whose sizes differ by at
+    most one. rank and world default to torch.distributed's when it is initialised (else
+    the whole list). Every item lands on exactly one rank, so sums over ranks cover the set.
+    """
+    import torch.distributed as dist
+
+    if (rank is None) != (world is None):
+        raise SlugError("pass both rank= and world= to shard, or neither (torch.distributed's are used)")
+    if rank is None:
+        initialised = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if initialised else (0, 1)
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise SlugError(f"shard needs 0 <= rank < world, got rank={rank!r}, world={world!r}")
+    items = list(items)
+    return items[rank * len(items) // world:(rank + 1) * len(items) // world]
+
+
 # ---------------------------------------------------------------- concept split
 
 class ConceptSplit(NamedTuple):

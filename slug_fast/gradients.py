@@ -52,19 +52,27 @@ class Sums:
 
     The first batch's gradient becomes the sum itself (float32 and float64 layers keep
     autograd's own buffer, 16-bit ones a float32 copy) and later ones are added in place:
-    the order and rounding of autograd's own accumulation, bit for bit.
+    the order and rounding of autograd's own accumulation, bit for bit. `peak` counts the
+    most gradient bytes alive at once: the sums, the gradient being added, and
+    `held_before` (what earlier passes left).
     """
 
-    def __init__(self, params: Mapping[str, torch.nn.Parameter]):
+    def __init__(self, params: Mapping[str, torch.nn.Parameter], held_before: int = 0):
         self.params = dict(params)
         self.sums: dict[str, torch.Tensor] = {}
+        self.held = self.peak = held_before
 
     def add(self, name: str, grad: torch.Tensor) -> None:
         acc = self.sums.get(name)
+        size = grad.numel() * grad.element_size()
         if acc is None:
-            self.sums[name] = grad.to(sum_dtype(grad.dtype))
+            acc = self.sums[name] = grad.to(sum_dtype(grad.dtype))
+            if acc is not grad:
+                self.peak = max(self.peak, self.held + size)
+            self.held += acc.numel() * acc.element_size()
         else:
             acc.add_(grad)
+        self.peak = max(self.peak, self.held if acc is grad else self.held + size)
 
     def end_batch(self) -> None:
         """Called once a batch's backward has returned."""

@@ -276,6 +276,9 @@ class MemoryReport:
     groups: list[int] = field(default_factory=list)  # tensors per pass
     predicted: dict[str, int] = field(default_factory=dict)
     predicted_full_bytes: int | None = None  # what the full store would have needed
+    # the most gradient bytes the store held at once, counted tensor by tensor (the full and
+    # the distributed stores; None for the others)
+    gradient_peak_bytes: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

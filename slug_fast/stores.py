@@ -83,16 +83,19 @@ class FullStore(GradientStore):
         self.run: GradientPass | None = None
         self.forget: dict[str, torch.Tensor] = {}
         self.retain: dict[str, torch.Tensor] | None = None
+        self.peak_bytes = 0  # the most gradient bytes held at once (counted, not sampled)
 
     def collect(self, run: GradientPass) -> None:
         self.run = run
         params = run.params(run.names)
         sums = Sums(params)
         run.run({"forget": sums}, order=run.depth_order is None)
+        self.peak_bytes = sums.peak
         self.forget = sums.means(run.counts["forget"])
         if run.has_retain:
-            sums = Sums(params)
+            sums = Sums(params, held_before=self.nbytes())
             run.run({"retain": sums})
+            self.peak_bytes = max(self.peak_bytes, sums.peak)
             self.retain = sums.means(run.counts["retain"])
         self.passes = 1
 

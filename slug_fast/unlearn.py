@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Adapter, GenericAdapter, detect_adapter, get_adapter
+from . import distributed
 from .delta import save_delta, tensor_spec
 from .edit import LayerEdit
 from .errors import CriterionNotReached, SlugError
@@ -75,6 +76,12 @@ class UnlearnResult:
     applied: bool = True
     backends: dict[str, str] = field(default_factory=dict)
     memory: MemoryReport | None = None
+    ranks: dict | None = None  # {"rank", "world", "partition", "sent"} when run on several processes
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process saves outputs: always alone, rank 0 only among several."""
+        return self.ranks is None or self.ranks["rank"] == 0
 
     def to_dict(self, with_stats: bool = False) -> dict:
         """A JSON-ready summary (the full per-layer table with `with_stats`)."""
@@ -86,13 +93,17 @@ class UnlearnResult:
             "candidates": [c.to_dict() for c in self.candidates],
             "fronts": self.fronts, "seconds": self.seconds, "backends": self.backends,
             "memory": self.memory.to_dict() if self.memory is not None else None,
+            "ranks": self.ranks,
         }
         if with_stats:
             out["stats"] = self.stats.rows()
         return out
 
     def save(self, path: str | os.PathLike):
-        """Write the delta (only the changed tensors) and its config to directory `path`."""
+        """Write the delta (only the changed tensors) and its config to directory `path`;
+        among several processes only rank 0 writes (the others return None)."""
+        if not self.writes:
+            return None
         meta = {"method": "slug", "layers": self.edited, "target_layers": self.layers, "tower": self.tower,
                 "step": self.step, "relative_change": self.relative_change}
         return save_delta(path, self.delta, self.specs, meta)
@@ -107,7 +118,8 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
             utility: Callable[[object], float] | None = None, apply: bool = True,
             progress: bool | None = None, backend: str = "auto", cache: bool | str = True,
             memory_budget: int | str | None = None, store: str = "auto", passes: int | None = None,
-            checkpointing: bool = False, **adapter_options) -> UnlearnResult:
+            checkpointing: bool = False, process_group=None, partition: str = "owner",
+            **adapter_options) -> UnlearnResult:
     """Unlearn with SLUG: edit one layer (or one HF q/k/v or fc1/fc2 group) once along g_f.
 
     model: an open_clip or Hugging Face CLIP model, a diffusers Stable Diffusion pipeline,
@@ -135,6 +147,14 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     checkpointing: recompute activations in backward through the adapter's own switch
     (open_clip set_grad_checkpointing, transformers activation checkpointing), restored after.
     result.memory records the plan and the measured peak.
+    process_group: run on several processes (torch.distributed; default: the world group
+    when it is initialised with more than one process, False: alone). Every rank passes
+    its own share of the batches (slug_fast.data.shard) and the same criterion, which runs
+    on every rank, rank 0's verdict deciding; the result, layer, step and delta are the
+    same on every rank, and only rank 0's result.save() writes. partition: "owner" (each
+    rank keeps 1/N of the gradients, reduced during backward) or "replicated" (each rank
+    all of them, reduced once per pass); an FSDP2 (fully_shard) model keeps its own
+    shards. See slug_fast.distributed.
     Raises CriterionNotReached (model untouched) when no candidate meets the criterion.
     """
     if strategy not in STRATEGIES:
@@ -149,6 +169,15 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
         raise SlugError(f"passes= sets the chunked store's number of passes; pass store='chunked' with it "
                         f"(got store={store!r})")
     budget_spec = parse_budget(memory_budget)
+    ranks = distributed.resolve(process_group)
+    if ranks is not None:
+        if partition not in distributed.PARTITIONS:
+            raise SlugError(f"partition must be one of {distributed.PARTITIONS}, got {partition!r}")
+        if budget_spec is not None or store != "auto" or passes is not None:
+            raise SlugError("memory_budget=, store= and passes= plan one process's gradients; on several processes "
+                            "partition='owner' keeps 1/N of them per rank (or pass process_group=False)")
+        if ranks.rank != 0:
+            progress = False
     if adapter is None and detect_adapter(model) is None and not isinstance(model, Adapter):
         ad = GenericAdapter(model) if isinstance(model, nn.Module) and forget_loss and retain_loss \
             else get_adapter(model)  # raises, naming what to pass
@@ -156,6 +185,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
         ad = get_adapter(model, adapter, **adapter_options)
     times = {}
     t0 = time.perf_counter()
+    distributed.reshard(ad.target)  # an FSDP root keeps its parameters gathered after a forward
     names = resolve_params(ad.target, params if params is not None else ad.param_names())
     named = dict(ad.target.named_parameters())
     # only layers that can be chosen are differentiated: no gradient is spent on the rest
@@ -178,6 +208,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     run = GradientPass(ad.target, forget, retain, forget_loss or ad.forget_loss, retain_loss or ad.retain_loss,
                        names, progress=progress,
                        checkpointing=ad.activation_checkpointing if checkpointing else None)
+    sharded = ranks is not None and distributed.is_fsdp(ad.target)
     memory_plan, activations, full_need = _plan_memory(run, names, budget_spec, store, passes, grouped, device)
     log.info("%s", memory_plan.describe())
     if memory_plan.passes > 2 * MAX_PREFERRED_PASSES and passes is None and not checkpointing:
@@ -192,7 +223,8 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
         depth = {n: i for i, n in enumerate(run.depth_order or names)}
         return sorted(dict.fromkeys(wanted), key=lambda n: -depth.get(n, -1))
 
-    gradient_store = _store_for(memory_plan, keep, backend)
+    gradient_store = _store_for(memory_plan, keep, backend) if ranks is None else \
+        distributed.store_for(ad.target, ranks, partition)
     gradient_store.collect(run)
     grads = Gradients(gradient_store, run)
     t1 = time.perf_counter()
@@ -211,6 +243,8 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
                 picks.append((t, layers))
     directions_of = grads.directions([n for _, layers in picks for n in layers])
     passes_run, final_pass = gradient_store.passes, gradient_store.final_pass
+    gradient_counts = getattr(gradient_store, "counts", {})
+    gradient_peak = getattr(gradient_store, "peak_bytes", None)
     del grads, gradient_store, run  # only the candidates' forget gradients are needed from here on
     t2 = time.perf_counter()
     times["select"] = t2 - t1
@@ -222,7 +256,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     for t, layers in tqdm(picks, desc="step search", disable=None if progress is None else not progress,
                           leave=False):
         candidates.append(_search_layer(ad, t, layers, directions_of, stats, criterion, utility,
-                                        max_evals, backend, cache, cache_bytes))
+                                        max_evals, backend, cache and not sharded, cache_bytes, ranks))
     t3 = time.perf_counter()
     times["search"] = t3 - t2
 
@@ -238,16 +272,19 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     else:
         best = min(reached, key=lambda c: c.relative_change)
 
+    distributed.reshard(ad.target)
     targets = ad.edit_params(best.layers)
     scaled = {n: _scaled(directions_of[n], best.search.step, named[n].dtype) for n in best.layers}
     user_keys = [ad.delta_name(n) for n in best.layers]
-    specs = {k: tensor_spec(targets[k][0]) for k in user_keys}
-    delta = {k: scaled[n].cpu() for k, (_, n) in targets.items() if k in user_keys}
+    specs = {k: tensor_spec(distributed.full(targets[k][0])) for k in user_keys}
+    delta = distributed.gather_full({k: scaled[n] for k, (_, n) in targets.items() if k in user_keys})
     edit_backend = "torch"
     if apply:
         params, moves = _edit_inputs(targets, scaled)
         with LayerEdit(params, moves, backend) as edit:
-            edit.step(1.0)  # theta0 + delta: exactly what apply_delta reproduces
+            # theta0 + delta: exactly what apply_delta reproduces; on several ranks, each
+            # keeps it only when every rank made it (else every rank's block restores)
+            _together(ranks, lambda: edit.step(1.0), "applying the edit")
             edit.commit()
         edit_backend = edit.used_backend
     times["total"] = time.perf_counter() - t0
@@ -256,10 +293,13 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
                           memory_plan.predicted_peak if activations is not None else None, meter.peak(),
                           meter.source, sum(named[n].numel() * named[n].element_size() for n in names),
                           activations, checkpointing, final_pass, [len(g) for g in memory_plan.groups],
-                          dict(memory_plan.predicted), full_need)
+                          dict(memory_plan.predicted), full_need, gradient_peak)
+    shared = None if ranks is None else {
+        "rank": ranks.rank, "world": ranks.world, "partition": "fsdp" if sharded else partition,
+        "batches": dict(gradient_counts), "sent": dict(ranks.sent)}
     return UnlearnResult(best.layers, user_keys, best.tower, best.search.step, best.relative_change,
                          best.search.trace, candidates, fronts, tower_names, stats, times, delta, specs, apply,
-                         {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name}, report)
+                         {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name}, report, shared)
 
 
 def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, passes: int | None, grouped: bool,
@@ -318,40 +358,64 @@ def _fronts(stats: LayerStats, tower_names: Mapping[str, list[str]], backend: st
 
 
 def _edit_inputs(targets: Mapping[str, tuple], directions: Mapping[str, torch.Tensor]):
-    """(key -> tensor, key -> direction on that tensor's device) for a LayerEdit over mirrors too."""
-    params = {k: p for k, (p, _) in targets.items()}
-    moves = {k: directions[n].to(p.device) for k, (p, n) in targets.items()}
+    """(key -> tensor, key -> direction on that tensor's device) for a LayerEdit over mirrors
+    too; for an FSDP model, this rank's local shards."""
+    params = {k: distributed.local(p) for k, (p, _) in targets.items()}
+    moves = {k: distributed.local(directions[n]).to(p.device) for k, (p, n) in targets.items()}
     return params, moves
 
 
 def _scaled(direction: torch.Tensor, step: float, dtype: torch.dtype) -> torch.Tensor:
-    """step * d rounded as LayerEdit rounds it (float32, float64 for float64 parameters)."""
+    """step * d rounded as LayerEdit rounds it (float32, float64 for float64 parameters);
+    a DTensor direction is scaled shard by shard."""
+    if distributed.is_dtensor(direction):
+        from torch.distributed.tensor import DTensor
+
+        part = _scaled(direction.to_local(), step, dtype)
+        return DTensor.from_local(part, direction.device_mesh, direction.placements, run_check=False,
+                                  shape=direction.shape, stride=direction.stride())
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     return torch.tensor(step, dtype=compute, device=direction.device) * direction.to(compute)
 
 
+def _together(ranks, fn: Callable[[], object], what: str):
+    """fn() here, or on every rank with any rank's failure raised on all (distributed.Ranks.agree)."""
+    return fn() if ranks is None else ranks.agree(fn, what)
+
+
+def _verdict(ranks, fn: Callable[[], object], what: str):
+    """fn() here, or on every rank with rank 0's result for all (distributed.Ranks.decide)."""
+    return fn() if ranks is None else ranks.decide(fn, what)
+
+
 def _search_layer(ad, tower, layers, directions_of, stats, criterion, utility, max_evals, backend, cache=True,
-                  cache_bytes=DEFAULT_MAX_BYTES):
+                  cache_bytes=DEFAULT_MAX_BYTES, ranks=None):
     rows = [stats.index(n) for n in layers]
     theta_norm = math.sqrt(float((stats.param_norm[rows] ** 2).sum()))
     grad_norm = math.sqrt(float((stats.forget_norm[rows] ** 2).sum()))
     start = start_step(theta_norm, grad_norm)
     model = ad.model
 
+    distributed.reshard(ad.target)
     params, moves = _edit_inputs(ad.edit_params(layers), directions_of)
     with LayerEdit(params, moves, backend) as edit, \
             (upstream_replay(ad.target, edit, linear=cache == "linear", max_bytes=cache_bytes) if cache
              else contextlib.nullcontext()):
         def evaluate(step: float) -> tuple[bool, dict]:
             edit.step(step)
-            return criterion_result(criterion(model))
+            try:
+                return _verdict(ranks, lambda: criterion_result(criterion(model)),
+                                f"judging step {step:.4g} of {layers}")
+            finally:
+                distributed.reshard(ad.target)  # the next forward gathers the next step's shards
 
         result = search_step(evaluate, start, max_evals)
         value = None
         if result.reached:
             if utility is not None:
                 edit.step(result.step)
-                value = float(utility(model))
+                value = _verdict(ranks, lambda: float(utility(model)), f"measuring the utility of {layers}")
+                distributed.reshard(ad.target)
             elif "utility" in result.best.metrics:
                 value = float(result.best.metrics["utility"])
     # leaving the block restored theta0: nothing stays changed until the final commit
