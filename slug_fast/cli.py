@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "weights; the gradient pass then runs in as few passes as fit (default: no limit)")
     un.add_argument("--checkpointing", action="store_true",
                     help="recompute activations in backward (less memory, about one more forward)")
+    un.add_argument("--timeout", type=_positive_int, default=600, metavar="SECONDS",
+                    help="under torchrun: the longest any collective may wait for the other ranks (600)")
     un.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     un.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -132,19 +134,26 @@ def _positive_int(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .distributed import launched
+
+    if launched() and args.command != "unlearn":
+        parser.error(f"only `unlearn` runs on several processes; run `slug-fast {args.command}` without torchrun")
+    ranks = None
     try:
         if args.command == "backends":
             from ._backends import availability
             out = {name: {"available": reason is None, "reason": reason} for name, reason in availability().items()}
         elif args.command == "unlearn":
+            from .distributed import init_from_env
             from .job import run_unlearn
+            ranks = init_from_env(args.device, args.timeout)
             out = run_unlearn(args.model, args.concept, args.out, pretrained=args.pretrained, data=args.data,
                               forget_data=args.forget_data, retain_data=args.retain_data, eval_data=args.eval_data,
                               class_names=args.class_names, aliases=tuple(args.alias), k=args.top_k,
                               strategy=args.strategy, tower=args.tower, max_evals=args.max_evals,
                               batch_size=args.batch_size, limit=args.limit, device=args.device,
                               memory_budget=args.memory_budget, checkpointing=args.checkpointing,
-                              progress=False if args.quiet else None)
+                              progress=False if args.quiet else None, ranks=ranks)
         elif args.command == "compare":
             from .compare import run_compare
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -162,8 +171,16 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quiet:
                 print(_before_after(out), file=sys.stderr)
     except SlugError as err:
-        print(f"slug-fast: error: {err}", file=sys.stderr)
+        if ranks is None or ranks.rank == 0:  # every rank raised; rank 0 says why, once
+            print(f"slug-fast: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if ranks is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if ranks is not None and ranks.rank != 0:
+        return 0
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

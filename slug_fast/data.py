@@ -295,6 +295,8 @@ def shard(items: Sequence, rank: int | None = None, world: int | None = None) ->
     processes: rank r of W gets the r-th of W contiguous blocks, whose sizes differ by at
     most one. rank and world default to torch.distributed's when it is initialised (else
     the whole list). Every item lands on exactly one rank, so sums over ranks cover the set.
+    Shard batches rather than pairs when the loss is contrastive (CLIP's): a batch's
+    gradient depends on which pairs share it, and sharded batches keep one process's.
     """
     import torch.distributed as dist
 

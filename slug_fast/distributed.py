@@ -94,6 +94,39 @@ def owners(sizes: Sequence[int], world: int) -> list[int]:
     return out
 
 
+def predicted_cost(layers: Sequence[tuple[int, torch.dtype]], world: int, rounds: Mapping[str, int],
+                   partition: str = "owner") -> list[dict]:
+    """What each rank holds and sends in a data-parallel gradient pass, from the layers'
+    (numel, dtype), the number of ranks and each set's rounds (its most batches on any
+    rank), by the rules the stores follow: the partition of `owners`, sums in sum_dtype,
+    means in the layer's dtype, the retain pass's sums beside the forget means, one
+    layer's gradient in transit (owner: its sum-dtype copy on the wire; replicated:
+    autograd's, being added). Per rank: gradient_bytes (the most held at once) and
+    sent (payload bytes by collective, as Ranks.sent counts them, before the final
+    broadcast of the chosen directions)."""
+    if partition not in PARTITIONS:
+        raise SlugError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+    size = [n * torch.empty((), dtype=d).element_size() for n, d in layers]
+    summed = [n * torch.empty((), dtype=sum_dtype(d)).element_size() for n, d in layers]
+    owner = owners(size, world)
+    n_sets = len(rounds)
+    table = 32 * len(layers)  # [n_layers, 4] float64
+    counts = 8 * n_sets  # one int64 per set: the global batch count
+    out = []
+    for r in range(world):
+        if partition == "owner":
+            mine = [i for i in range(len(layers)) if owner[i] == r]
+            held = sum(size[i] for i in mine) + sum(summed[i] for i in mine) + max(summed, default=0)
+            sent = {"reduce": sum(rounds.values()) * sum(summed),
+                    "all_reduce": 16 * (sum(rounds.values()) + n_sets) + counts + table}
+        else:
+            # the gradient being added is autograd's, in the layer's dtype
+            held = (sum(size) if n_sets > 1 else 0) + sum(summed) + max(size, default=0)
+            sent = {"all_reduce": n_sets * sum(summed) + counts + table}
+        out.append({"rank": r, "gradient_bytes": held, "sent": sent})
+    return out
+
+
 class Ranks:
     """The process group SLUG runs on, its collectives, and how many bytes each put on the wire.
 
@@ -117,9 +150,8 @@ class Ranks:
 
     # tensors travel on the collective's device: CUDA for NCCL, the CPU for gloo
     def _wire(self, t: torch.Tensor) -> torch.Tensor:
-        if self.backend == "nccl" or t.device.type == "cpu":
-            return t
-        return t.cpu()
+        device = self._device()
+        return t if t.device == device else t.to(device)
 
     def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         w = self._wire(t)
@@ -199,6 +231,30 @@ def _attempt(fn):
 
 def _describe(error: BaseException) -> str:
     return str(error) if isinstance(error, SlugError) else f"{type(error).__name__}: {error}"
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher) as one of several."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str = "cpu", timeout_s: float = 600.0) -> Ranks | None:
+    """Join the process group torchrun describes in the environment (NCCL for a CUDA device,
+    gloo otherwise; every collective waits at most `timeout_s`); None when not launched as
+    one of several. A CUDA rank takes the GPU of its LOCAL_RANK."""
+    import datetime
+    import os
+
+    if not launched():
+        return None
+    if not dist.is_initialized():
+        cuda = str(device).startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return Ranks()
 
 
 def resolve(process_group) -> Ranks | None:
@@ -463,7 +519,7 @@ class DistributedStore(GradientStore):
 
     def _replicated_pass(self, run: GradientPass, which: str) -> dict[str, torch.Tensor]:
         params = run.params(run.names)
-        sums = Sums(params)
+        sums = Sums(params, held_before=self.nbytes())
 
         def local_pass():
             try:
@@ -474,9 +530,7 @@ class DistributedStore(GradientStore):
                 run.counts[which] = 0
         self.ranks.agree(local_pass, f"computing the {which} gradients")
         total = self._total(which, run.counts[which])
-        # every layer's sum is alive beside what earlier passes left
-        self.peak_bytes = max(self.peak_bytes, self.nbytes() + sum(
-            p.numel() * torch.empty((), dtype=sum_dtype(p.dtype)).element_size() for p in params.values()))
+        self.peak_bytes = max(self.peak_bytes, sums.peak)
         out = {}
         for name, p in params.items():
             acc = sums.sums.pop(name, None)
@@ -645,4 +699,5 @@ def gather_full(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["PARTITIONS", "RankFailed", "Ranks", "DistributedStore", "ShardedStore", "resolve", "owners",
-           "is_fsdp", "local", "full", "store_for"]
+           "predicted_cost", "launched", "init_from_env", "is_fsdp", "is_dtensor", "reshard", "local", "full",
+           "gather_full", "store_for"]

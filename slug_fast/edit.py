@@ -6,6 +6,7 @@ from collections.abc import Mapping
 import torch
 
 from . import _backends
+from .distributed import is_dtensor
 from .errors import NonFiniteError, SlugError, unknown_name
 
 
@@ -36,7 +37,10 @@ class LayerEdit:
     `step(lam)` sets theta = theta0 + lam * d (in float32 from theta0, cast to the
     parameter's dtype; never accumulated step over step); `commit()` keeps the
     current value. Leaving the block without commit, by any path, restores theta0
-    bit-exactly. Only the edited tensors are copied, never the model.
+    bit-exactly. Only the edited tensors are copied, never the model. An FSDP2 parameter
+    (a DTensor) is edited in this rank's shard, with a direction that is a DTensor sharded
+    the same way or already that shard; both version counters move, so caches keyed on
+    either see the edit.
 
         with LayerEdit(model, {"visual.proj": g}) as edit:
             edit.step(0.5)
@@ -51,10 +55,15 @@ class LayerEdit:
             raise SlugError("LayerEdit needs at least one {parameter name: direction}")
         self._params: dict[str, torch.nn.Parameter] = {}
         self._directions: dict[str, torch.Tensor] = {}
+        self._wrappers: list[torch.Tensor] = []  # DTensor parameters whose shards are edited
         for name, d in directions.items():
             if name not in named:
                 raise unknown_name("parameter", name, named)
             p = named[name]
+            if is_dtensor(p):
+                self._wrappers.append(p)
+                p = p.to_local()
+                d = d.to_local() if is_dtensor(d) else d
             if not isinstance(d, torch.Tensor) or d.shape != p.shape:
                 got = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
                 raise SlugError(f"direction for {name!r} has shape {got}; the parameter has shape {tuple(p.shape)}")
@@ -129,9 +138,7 @@ class LayerEdit:
                 else:
                     for out, base, direction in tensors:
                         self.used_backend = axpy(out, base, direction, step, self.backend)
-            for p in self._params.values():
-                # the kernels write through data pointers: tell autograd the tensor changed
-                torch.autograd.graph.increment_version(p)
+            self._moved()
         self.current_step = step
 
     def commit(self) -> None:
@@ -143,8 +150,13 @@ class LayerEdit:
         with torch.no_grad():
             for name, p in self._params.items():
                 p.data.copy_(self._theta0[name])
-                torch.autograd.graph.increment_version(p)  # caches keyed on versions see the restore
+            self._moved()  # caches keyed on versions see the restore
         self.current_step = 0.0
+
+    def _moved(self) -> None:
+        # the kernels write through data pointers: tell autograd (and version-keyed caches)
+        for p in [*self._params.values(), *self._wrappers]:
+            torch.autograd.graph.increment_version(p)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:

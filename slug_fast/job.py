@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .data import concept_pattern, label_by_class, read_source, split_by_concept
+from .data import concept_pattern, label_by_class, read_source, shard, split_by_concept
 from .delta import apply_delta, load_delta
 from .errors import SlugError
 from .loading import load_model, save_model
@@ -45,7 +45,7 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
                 k: int = 5, strategy: str = "best", tower: str | None = None, max_evals: int = 10,
                 batch_size: int = 32, limit: int | None = None, device: str = "cpu",
                 memory_budget: int | str | None = None, checkpointing: bool = False,
-                progress: bool | None = None) -> dict:
+                progress: bool | None = None, ranks=None) -> dict | None:
     """Unlearn `concept` from a CLIP model with SLUG and write the delta and the report to `out`.
 
     Data: `data` (split by whether a caption mentions the concept) or `forget_data` and
@@ -53,6 +53,11 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
     among `class_names` is 0, on `eval_data` (captions naming one class label an image)
     or else on the forget images and the retain images that name another class.
     memory_budget and checkpointing go to `unlearn` (see there).
+    ranks (slug_fast.distributed.Ranks): run as one of several processes (torchrun). Every
+    rank reads the data and loads the model; each takes its share of the forget and retain
+    pairs and of the evaluation images; only rank 0 measures the similarity and membership
+    inference, writes `out` and returns the report (the others return None). A failure on
+    any rank stops every rank with the failing rank's message.
     """
     from .eval.mia import clip_membership_inference
     from .eval.similarity import SimilarityWatch
@@ -66,38 +71,39 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
     out = _check_out(out)
     budget = parse_budget(memory_budget)  # refuse a bad budget before loading anything
     names = _class_list(class_names, concept)
-    if (data is None) == (forget_data is None or retain_data is None):
-        raise SlugError("give either --data (split by the concept) or both --forget-data and --retain-data")
-    if data is not None:
-        forget_pairs, retain_pairs = split_by_concept(read_source(data, limit), [concept, *aliases])
-    else:
-        forget_pairs, retain_pairs = read_source(forget_data, limit), read_source(retain_data, limit)
-    held_out = []  # images of the concept the model was not unlearned on: MIA's non-members
-    if eval_data is not None:
-        eval_pairs = read_source(eval_data, limit)
-        labelled = label_by_class(eval_pairs, names)
-        eval_images, eval_labels = labelled.images, labelled.labels
-        mentions = concept_pattern([concept, *aliases])
-        held_out = [pair for pair in eval_pairs if mentions.search(pair[1])]
-    else:
-        others = label_by_class(retain_pairs, names)
-        eval_images = [im for im, _ in forget_pairs] + others.images
-        eval_labels = [names.index(concept)] * len(forget_pairs) + others.labels
-    adapter = load_model(model, pretrained, device)
+    if ranks is not None and budget is not None:
+        raise SlugError("--memory-budget plans one process's gradients; on several processes each rank keeps 1/N "
+                        "of them (leave --memory-budget out)")
+
+    def prepare():
+        return _prepare(model, concept, names, pretrained, data, forget_data, retain_data, eval_data, aliases, limit,
+                        device)
+
+    # every rank loads; one failing stops them all before any collective could wait on it
+    forget_pairs, retain_pairs, eval_images, eval_labels, held_out, adapter = \
+        prepare() if ranks is None else ranks.agree(prepare, "reading the data and loading the model")
     t_load = time.perf_counter() - t0
+    writer = ranks is None or ranks.rank == 0
 
-    criterion = concept_criterion(adapter, eval_images, eval_labels, names, concept, k=k)
-    before = criterion(adapter.model)[1]
-    sample = list(forget_pairs[:SIMILARITY_SAMPLE]) + list(retain_pairs[:SIMILARITY_SAMPLE])
-    similarity = SimilarityWatch(adapter, sample)
-    mia_before = clip_membership_inference(adapter, forget_pairs, held_out) if held_out else None
+    criterion = concept_criterion(adapter, eval_images, eval_labels, names, concept, k=k,
+                                  process_group=None if ranks is None else ranks.group or "world")
+    judge = (lambda: criterion(adapter.model)[1]) if ranks is None else \
+        (lambda: ranks.decide(lambda: criterion(adapter.model)[1], "judging the model"))
+    before = judge()
+    if writer:
+        sample = list(forget_pairs[:SIMILARITY_SAMPLE]) + list(retain_pairs[:SIMILARITY_SAMPLE])
+        similarity = SimilarityWatch(adapter, sample)
+        mia_before = clip_membership_inference(adapter, forget_pairs, held_out) if held_out else None
 
-    forget = adapter.make_batches(forget_pairs, batch_size)
-    retain = adapter.make_batches(retain_pairs, batch_size)
+    forget = _batches(adapter, forget_pairs, batch_size, ranks)
+    retain = _batches(adapter, retain_pairs, batch_size, ranks)
     result = unlearn(adapter, forget, retain, criterion, strategy=strategy, tower=tower, max_evals=max_evals,
-                     memory_budget=budget, checkpointing=checkpointing, progress=progress)
+                     memory_budget=budget, checkpointing=checkpointing, progress=progress if writer else False,
+                     process_group=None if ranks is None else ranks.group)
 
-    after = criterion(adapter.model)[1]
+    after = judge()
+    if not writer:
+        return None
     out.mkdir(parents=True, exist_ok=True)
     similarity_stats = similarity.finish(out / "similarity.png", f"image-text similarity, forgetting {concept}")
     report = {
@@ -123,6 +129,38 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
                          for when, res in (("before", mia_before), ("after", mia_after))}
     report["files"] = write_outputs(out, report, result, {"similarity": similarity_stats["plot"]})
     return report
+
+
+def _batches(adapter, pairs, batch_size: int, ranks) -> list:
+    """This rank's batches: whole batches of the single-process split, shared out by rank
+    (a contrastive loss depends on which pairs share a batch, so pairs are never re-batched)."""
+    starts = range(0, len(pairs), batch_size)
+    if ranks is not None:
+        starts = shard(starts, ranks.rank, ranks.world)
+    return [batch for i in starts for batch in adapter.make_batches(pairs[i:i + batch_size], batch_size)]
+
+
+def _prepare(model, concept, names, pretrained, data, forget_data, retain_data, eval_data, aliases, limit, device):
+    """(forget pairs, retain pairs, evaluation images, their labels, held-out concept pairs, adapter)."""
+    if (data is None) == (forget_data is None or retain_data is None):
+        raise SlugError("give either --data (split by the concept) or both --forget-data and --retain-data")
+    if data is not None:
+        forget_pairs, retain_pairs = split_by_concept(read_source(data, limit), [concept, *aliases])
+    else:
+        forget_pairs, retain_pairs = read_source(forget_data, limit), read_source(retain_data, limit)
+    held_out = []  # images of the concept the model was not unlearned on: MIA's non-members
+    if eval_data is not None:
+        eval_pairs = read_source(eval_data, limit)
+        labelled = label_by_class(eval_pairs, names)
+        eval_images, eval_labels = labelled.images, labelled.labels
+        mentions = concept_pattern([concept, *aliases])
+        held_out = [pair for pair in eval_pairs if mentions.search(pair[1])]
+    else:
+        others = label_by_class(retain_pairs, names)
+        eval_images = [im for im, _ in forget_pairs] + others.images
+        eval_labels = [names.index(concept)] * len(forget_pairs) + others.labels
+    adapter = load_model(model, pretrained, device)
+    return forget_pairs, retain_pairs, eval_images, eval_labels, held_out, adapter
 
 
 def run_apply(model: str, delta: str, out: str | Path, *, pretrained: str | None = None,

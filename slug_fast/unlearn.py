@@ -359,9 +359,9 @@ def _fronts(stats: LayerStats, tower_names: Mapping[str, list[str]], backend: st
 
 def _edit_inputs(targets: Mapping[str, tuple], directions: Mapping[str, torch.Tensor]):
     """(key -> tensor, key -> direction on that tensor's device) for a LayerEdit over mirrors
-    too; for an FSDP model, this rank's local shards."""
-    params = {k: distributed.local(p) for k, (p, _) in targets.items()}
-    moves = {k: distributed.local(directions[n]).to(p.device) for k, (p, n) in targets.items()}
+    too (an FSDP model's DTensors as they are: LayerEdit edits this rank's shards)."""
+    params = {k: p for k, (p, _) in targets.items()}
+    moves = {k: directions[n].to(p.device) for k, (p, n) in targets.items()}
     return params, moves
 
 

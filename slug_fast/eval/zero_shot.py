@@ -194,16 +194,32 @@ class ZeroShotClassifier:
         """
         label = self.index(concept)
         labels = self.labels(labels)
-        is_concept = labels == label
-        if not bool(is_concept.any()):
+        if not bool((labels == label).any()):
             raise SlugError(f"no image is labelled {self.class_names[label]!r}; the forget accuracy needs "
                             "images of the concept")
-        hits = self.hits(labels, topk, images, features, batch_size)
-        others = [c for c in labels.unique().tolist() if c != label]
-        out: dict[str, float | int | None] = {"n_forget": int(is_concept.sum()), "n_others": int((~is_concept).sum())}
-        for k, h in hits.items():
-            out[f"forget_top{k}"] = _percent(h[is_concept])
-            out[f"others_top{k}"] = (sum(_percent(h[labels == c]) for c in others) / len(others)) if others else None
+        topk = _check_topk(topk, len(self.class_names))
+        counts, hit_counts = self.class_counts(labels, self.hits(labels, topk, images, features, batch_size))
+        return self.concept_metrics(label, topk, counts, hit_counts)
+
+    def class_counts(self, labels: torch.Tensor, hits: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images per class [C], hits per k and class [len(hits), C]), int64: counts that
+        add up across shards of the images (the distributed criterion all-reduces them)."""
+        n = len(self.class_names)
+        counts = torch.bincount(labels, minlength=n)
+        hit_counts = torch.stack([torch.bincount(labels[h], minlength=n) for h in hits.values()]) if hits else \
+            torch.zeros((0, n), dtype=torch.int64)
+        return counts, hit_counts
+
+    def concept_metrics(self, label: int, topk: Sequence[int], counts: torch.Tensor,
+                        hit_counts: torch.Tensor) -> dict[str, float | int | None]:
+        """concept_accuracy's metrics from class_counts (of every image, or summed over shards)."""
+        n, hits = counts.tolist(), hit_counts.tolist()
+        others = [c for c in range(len(n)) if c != label and n[c] > 0]
+        out: dict[str, float | int | None] = {"n_forget": n[label], "n_others": sum(n) - n[label]}
+        for j, k in enumerate(topk):
+            out[f"forget_top{k}"] = 100.0 * (hits[j][label] / n[label])
+            out[f"others_top{k}"] = (sum(100.0 * (hits[j][c] / n[c]) for c in others) / len(others)) if others \
+                else None
         return out
 
 
@@ -233,7 +249,8 @@ def concept_accuracy(adapter: ClipFamilyAdapter, images, labels, class_names: Se
 
 def concept_criterion(adapter: ClipFamilyAdapter, images, labels, class_names: Sequence[str], concept: str | int,
                       templates: Sequence[str] = IDENTITY_TEMPLATES, k: int = 5,
-                      utility: Callable[[object], float] | None = None, batch_size: int = 64):
+                      utility: Callable[[object], float] | None = None, batch_size: int = 64,
+                      process_group=None):
     """A `criterion(model) -> (forgotten, metrics)` for slug_fast.unlearn, the paper's CLIP identity test.
 
     Forgotten when the concept's top-`k` zero-shot accuracy is 0. The metrics
@@ -243,14 +260,26 @@ def concept_criterion(adapter: ClipFamilyAdapter, images, labels, class_names: S
     `criterion(m)` judges `m` when it is another model of the adapter's type (a copy,
     uncached); anything else (the pipeline whose CLIP model the adapter holds, say)
     is judged through the adapter's own model, which every edit reaches.
+    process_group: judge the images on several processes (torch.distributed): a
+    ProcessGroup, or "world". Every rank passes all the images and labels, encodes its own
+    contiguous share (slug_fast.data.shard) and the per-class hit counts are all-reduced,
+    so every rank gets the metrics of all images, equal to one process's. Call it on every
+    rank of the group together, as unlearn does.
     """
     classifier = ZeroShotClassifier(adapter, class_names, templates)
     label_ids = classifier.labels(labels)
-    if utility is None and not bool((label_ids != classifier.index(concept)).any()):
+    label = classifier.index(concept)
+    if not bool((label_ids == label).any()):
+        raise SlugError(f"no image is labelled {classifier.class_names[label]!r}; the forget accuracy needs "
+                        "images of the concept")
+    if utility is None and not bool((label_ids != label).any()):
         raise SlugError("every image shows the concept, so there is no utility to keep; add images of the other "
                         "classes or pass utility=")
     topk = tuple(sorted({1, k}))
     _check_topk(topk, len(classifier.class_names))
+    if process_group is not None:
+        return _sharded_criterion(adapter, classifier, images, label_ids, label, topk, k, utility, batch_size,
+                                  process_group)
     pixels = images if isinstance(images, torch.Tensor) else adapter.pixels(list(images))
     features = TowerCache(adapter, "vision", lambda: encode_images(adapter, pixels, batch_size))
 
@@ -261,6 +290,40 @@ def concept_criterion(adapter: ClipFamilyAdapter, images, labels, class_names: S
             other = adapter.rebind(model)
             metrics = ZeroShotClassifier(other, class_names, templates).concept_accuracy(
                 None, label_ids, concept, topk, features=encode_images(other, pixels, batch_size))
+        metrics["utility"] = float(utility(model)) if utility is not None else metrics["others_top1"]
+        return metrics[f"forget_top{k}"] == 0.0, metrics
+
+    return criterion
+
+
+def _sharded_criterion(adapter, classifier: ZeroShotClassifier, images, label_ids: torch.Tensor, label: int,
+                       topk: tuple[int, ...], k: int, utility, batch_size: int, process_group):
+    """concept_criterion on this rank's share of the images, hit counts all-reduced."""
+    from ..data import shard
+    from ..distributed import Ranks
+
+    ranks = Ranks(None if process_group == "world" else process_group)
+    mine = shard(range(len(label_ids)), ranks.rank, ranks.world)
+    local_labels = label_ids[mine]
+    if isinstance(images, torch.Tensor):
+        pixels = images[mine]
+    else:
+        images = list(images)
+        pixels = adapter.pixels([images[i] for i in mine]) if mine else None
+    features = TowerCache(adapter, "vision", lambda: encode_images(adapter, pixels, batch_size))
+
+    def criterion(model) -> tuple[bool, dict]:
+        if model is not adapter.model and type(model) is type(adapter.model):
+            raise SlugError("the distributed concept criterion judges the adapter's own model; build one for the "
+                            "other model")
+        if len(mine):
+            hits = classifier.hits(local_labels, topk, features=features.get())
+            counts, hit_counts = classifier.class_counts(local_labels, hits)
+        else:
+            counts = torch.zeros(len(classifier.class_names), dtype=torch.int64)
+            hit_counts = torch.zeros((len(topk), len(classifier.class_names)), dtype=torch.int64)
+        table = ranks.all_reduce(torch.cat([counts[None], hit_counts]))
+        metrics = classifier.concept_metrics(label, topk, table[0], table[1:])
         metrics["utility"] = float(utility(model)) if utility is not None else metrics["others_top1"]
         return metrics[f"forget_top{k}"] == 0.0, metrics
 
