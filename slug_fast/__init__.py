@@ -7,7 +7,7 @@
 """
 import torch  # noqa: F401  (loads libtorch before the C++ extension)
 
-from . import adapters, data, eval  # noqa: A004 (the evaluation package, not the builtin)
+from . import adapters, data, distributed, eval  # noqa: A004 (the evaluation package, not the builtin)
 from ._backends import availability as backends
 from .delta import apply_delta, load_delta, save_delta
 from .edit import LayerEdit
@@ -24,7 +24,7 @@ from .unlearn import Candidate, UnlearnResult, unlearn
 __version__ = "0.1.0"
 
 __all__ = [
-    "adapters", "data", "eval", "Candidate", "ChunkedStore", "CriterionNotReached", "DeltaError", "Evaluation",
+    "adapters", "data", "distributed", "eval", "Candidate", "ChunkedStore", "CriterionNotReached", "DeltaError", "Evaluation",
     "FullStore", "GradientStore", "Gradients", "LayerEdit", "LayerStats", "MemoryReport", "NonFiniteError",
     "OffloadStore", "SearchResult", "SlugError", "UnlearnResult", "apply_delta", "backends", "clip_forget_loss",
     "clip_retain_loss", "compute_gradients", "is_eligible", "layer_stats", "load_delta", "pareto_front",

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from .errors import SlugError
+from .errors import EmptySetError, SlugError
 from .gradients import GradientPass, Sums, _checked_loss, forward_use_order, sum_dtype
 from .stats import LayerStats, layer_sums, stats_from_sums
 from .stores import GradientStore
@@ -524,9 +524,7 @@ class DistributedStore(GradientStore):
         def local_pass():
             try:
                 run.run({which: sums}, order=which == "forget" and run.depth_order is None)
-            except SlugError as err:
-                if "set is empty" not in str(err):  # a rank may hold no batch; the global count decides
-                    raise
+            except EmptySetError:  # a rank may hold no batch; the global count decides
                 run.counts[which] = 0
         self.ranks.agree(local_pass, f"computing the {which} gradients")
         total = self._total(which, run.counts[which])
@@ -547,13 +545,14 @@ class DistributedStore(GradientStore):
         self.counts[which] = total
         return total
 
-    def mine(self) -> list[str]:
+    def owned(self) -> list[str]:
+        """The layers this rank owns, in name order."""
         return [n for n in self.run.names if self.owner_of[n] == self.ranks.rank]
 
     def layer_stats(self, backend: str = "auto") -> LayerStats:
         if self.stats is None:
             names = self.run.names
-            rows = self.mine()
+            rows = self.owned()
             table = torch.zeros((len(names), 4), dtype=torch.float64)
             if rows:
                 retain = {n: self.retain[n] for n in rows} if self.run.has_retain else None
@@ -596,10 +595,8 @@ def share_depth_order(ranks: Ranks, run: GradientPass) -> None:
 def _probe_order(run: GradientPass) -> list[str] | None:
     try:
         return run.probe().use_order
-    except SlugError as err:
-        if "set is empty" in str(err):
-            return None
-        raise
+    except EmptySetError:  # this rank holds no forget batch; another rank's order is taken
+        return None
 
 
 class ShardedStore(GradientStore):

@@ -21,6 +21,10 @@ class CriterionNotReached(SlugError):
         self.searches = searches
 
 
+class EmptySetError(SlugError):
+    """A forget or retain set held no batch."""
+
+
 class DeltaError(SlugError):
     """A delta file is corrupt or does not match the model it is applied to."""
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
-from .errors import NonFiniteError, SlugError, unknown_name
+from .errors import EmptySetError, NonFiniteError, SlugError, unknown_name
 
 Loss = Callable[[torch.nn.Module, object], torch.Tensor]
 SETS = ("forget", "retain")
@@ -327,7 +327,7 @@ class GradientPass:
             for p in params.values():
                 p.grad = None
         if count == 0:
-            raise SlugError(f"the {which} set is empty: pass at least one batch")
+            raise EmptySetError(f"the {which} set is empty: pass at least one batch")
         if record:
             self.fingerprints[which] = prints
         elif self.repeats and count != len(seen):
@@ -347,7 +347,7 @@ class GradientPass:
         rest = iter(batches)
         batch = next(rest, None)
         if batch is None:
-            raise SlugError("the forget set is empty: pass at least one batch")
+            raise EmptySetError("the forget set is empty: pass at least one batch")
         if rest is batches:  # a one-shot iterator: put the batch back in front
             self.sets["forget"] = itertools.chain([batch], rest)
         params = self.params(self.names)

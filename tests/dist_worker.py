@@ -49,14 +49,18 @@ def edited(model, names) -> dict:
     return {n: full(named[n]).detach().clone() for n in names}
 
 
+def alone_on_rank0(task, rank: int) -> dict:
+    """The oracle: rank 0 unlearns a copy of the model alone on every batch."""
+    if rank != 0:
+        return {}
+    alone = copy.deepcopy(task.model)
+    res = slug_fast.unlearn(alone, task.forget, task.retain, task.criterion, process_group=False, progress=False)
+    return {"single": summary(res), "single_weights": edited(alone, res.layers)}
+
+
 def demo(partition: str, rank: int, world: int) -> dict:
     task = demo_task("seven")
-    out = {}
-    if rank == 0:
-        alone = copy.deepcopy(task.model)
-        res = slug_fast.unlearn(alone, task.forget, task.retain, task.criterion, process_group=False, progress=False)
-        out["single"] = summary(res)
-        out["single_weights"] = edited(alone, res.layers)
+    out = alone_on_rank0(task, rank)
     res = slug_fast.unlearn(task.model, unequal(task.forget, rank, world), shard(task.retain), task.criterion,
                             partition=partition, progress=False)
     out["multi"] = summary(res)
@@ -68,12 +72,7 @@ def fsdp(rank: int, world: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
     task = demo_task("seven")
-    out = {}
-    if rank == 0:
-        alone = copy.deepcopy(task.model)
-        res = slug_fast.unlearn(alone, task.forget, task.retain, task.criterion, process_group=False, progress=False)
-        out["single"] = summary(res)
-        out["single_weights"] = edited(alone, res.layers)
+    out = alone_on_rank0(task, rank)
     model = task.model
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     for block in [*model.visual.transformer.resblocks, *model.transformer.resblocks]:
