@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import SlugError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line and exit code 2."""
+    """argparse that reports a usage error as one line and exit code 2 (under torchrun, from
+    rank 0 only: every rank parses the same arguments)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n" if os.environ.get("RANK", "0") == "0" else None)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import Adapter, GenericAdapter, detect_adapter, get_adapter
 from . import distributed
+from .adapters import Adapter, GenericAdapter, detect_adapter, get_adapter
 from .delta import save_delta, tensor_spec
 from .edit import LayerEdit
 from .errors import CriterionNotReached, SlugError
@@ -76,7 +76,8 @@ class UnlearnResult:
     applied: bool = True
     backends: dict[str, str] = field(default_factory=dict)
     memory: MemoryReport | None = None
-    ranks: dict | None = None  # {"rank", "world", "partition", "sent"} when run on several processes
+    # on several processes: {"rank", "world", "partition", "batches" (global counts), "sent" (payload bytes)}
+    ranks: dict | None = None
 
     @property
     def writes(self) -> bool:
