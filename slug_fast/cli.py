@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from .errors import SlugError
+from .errors import CriterionNotReached, SlugError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -133,6 +133,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# exit codes (README "Command line")
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NOT_REACHED, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+def _one_line(err: BaseException) -> str:
+    """A SlugError's message; an OS error as its file and reason; a text that is not UTF-8 as such."""
+    if isinstance(err, UnicodeDecodeError):
+        return f"a file is not UTF-8 text (byte {err.start}: {err.reason})"
+    if isinstance(err, OSError) and not isinstance(err, SlugError):
+        where = f" {err.filename}" if err.filename else ""
+        return f"cannot write or read{where}: {err.strerror or err}"
+    return " ".join(str(err).split("\n"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -172,10 +186,17 @@ def main(argv: list[str] | None = None) -> int:
                            max_evals=args.max_evals, progress=False if args.quiet else None)
             if not args.quiet:
                 print(_before_after(out), file=sys.stderr)
-    except SlugError as err:
+    except CriterionNotReached as err:  # an outcome, not bad input
+        if ranks is None or ranks.rank == 0:
+            print(f"slug-fast: criterion not reached: {err}", file=sys.stderr)
+        return EXIT_NOT_REACHED
+    except (SlugError, OSError, UnicodeDecodeError) as err:
         if ranks is None or ranks.rank == 0:  # every rank raised; rank 0 says why, once
-            print(f"slug-fast: error: {err}", file=sys.stderr)
-        return 2
+            print(f"slug-fast: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("slug-fast: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         if ranks is not None:
             import torch.distributed as dist

@@ -77,8 +77,9 @@ def run_compare(concept: str, out: str | Path | None = None, *, methods=METHODS,
     if unknown:
         raise SlugError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     out = Path(out) if out is not None else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise SlugError(f"--out {out} exists and is not a directory")
+    if out is not None:
+        from .job import check_out_dir
+        check_out_dir(out)
     rows = []
     for method in methods:
         if progress is not False:

@@ -180,6 +180,7 @@ def read_webdataset(shards, limit: int | None = None, mode: str = "RGB") -> Pair
         dataset = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None,
                                  empty_check=False)
         samples = iter(dataset)
+        whole = False  # read to its end without an error
         try:
             for sample in samples:
                 key = f"{path.name}:{sample['__key__']}"
@@ -197,16 +198,39 @@ def read_webdataset(shards, limit: int | None = None, mode: str = "RGB") -> Pair
                 items.append((image, caption))
                 if limit is not None and len(items) >= limit:
                     break
+            else:
+                whole = True
         except (tarfile.TarError, OSError, EOFError, ValueError) as err:
             # a truncated or corrupt shard keeps what was read before the damage; the run goes on
             reason = err.args[0] if err.args else err  # webdataset appends its stream objects to args
             skipped.append(Skipped(str(path), "unreadable", f"not a readable WebDataset tar file ({reason})"))
         finally:
             samples.close()  # releases the shard's file when `limit` stops early
+        if whole and not _ends_like_a_tar(path):
+            skipped.append(Skipped(str(path), "unreadable", "truncated: the shard ends without tar's end-of-archive "
+                                   "blocks, so samples after the last one read may be missing"))
         if limit is not None and len(items) >= limit:
             break
     source = str(paths[0]) if len(paths) == 1 else f"{len(paths)} shards ({paths[0]} ...)"
     return _finish(items, skipped, source, "expected img2dataset layout: KEY.jpg (or png/webp) + KEY.txt")
+
+
+def _ends_like_a_tar(path: Path) -> bool:
+    """Whether a tar file ends with the two zero blocks that close an archive: a shard cut
+    exactly at a member boundary reads as a shorter valid one without them."""
+    try:
+        with tarfile.open(path) as tar:
+            for _ in tar:  # headers only: member data is skipped over
+                pass
+            end = tar.offset
+        size = path.stat().st_size
+        if size - end < 1024:
+            return False
+        with open(path, "rb") as f:
+            f.seek(end)
+            return f.read(1024) == bytes(1024)
+    except (tarfile.TarError, OSError):
+        return False
 
 
 # ---------------------------------------------------------------- image folder

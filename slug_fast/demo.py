@@ -159,8 +159,9 @@ def run_demo(concept: str = DEFAULT_CONCEPT, out: str | Path | None = None, *, e
 
     concept_label(concept)  # refuse a bad digit before loading anything
     out = Path(out) if out is not None else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise SlugError(f"--out {out} exists and is not a directory")
+    if out is not None:
+        from .job import check_out_dir
+        check_out_dir(out)
     task = demo_task(concept, epochs=epochs, seed=seed, progress=progress)
     before, mia_before = task.accuracies(), task.mia()
     similarity = SimilarityWatch(get_adapter(task.model, tokenizer=digits.tokenize), task.similarity_sample())

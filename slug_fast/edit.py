@@ -1,6 +1,7 @@
 """Transactional in-place edit of a few parameter tensors: theta = theta0 + step * d."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -118,11 +119,12 @@ class LayerEdit:
         return self
 
     def step(self, step: float) -> None:
-        """Set every edited tensor to theta0 + step * d."""
+        """Set every edited tensor to theta0 + step * d; a result that overflows its dtype
+        is undone (theta0 restored) and raises NonFiniteError."""
         if self._theta0 is None:
             raise SlugError("LayerEdit.step() must be called inside its `with` block")
         step = float(step)
-        if not torch.isfinite(torch.tensor(step)):
+        if not math.isfinite(step):
             raise SlugError(f"step must be finite, got {step}")
         with torch.no_grad():
             by_device: dict[torch.device, list[str]] = {}
@@ -139,6 +141,11 @@ class LayerEdit:
                     for out, base, direction in tensors:
                         self.used_backend = axpy(out, base, direction, step, self.backend)
             self._moved()
+            for name, p in self._params.items():
+                if not bool(torch.isfinite(p).all()):
+                    self.restore()
+                    raise NonFiniteError(f"step {step:.6g} takes {name!r} out of the range of {p.dtype} (inf or "
+                                         f"NaN); theta0 was restored. Use a smaller step")
         self.current_step = step
 
     def commit(self) -> None:

@@ -21,7 +21,14 @@ def _class_list(class_names: str | None, concept: str) -> list[str]:
         path = Path(class_names[1:])
         if not path.is_file():
             raise SlugError(f"--class-names file {path} not found")
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise SlugError(f"--class-names file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 with "
+                            "one name per line") from None
+        except OSError as err:
+            raise SlugError(f"--class-names file {path} cannot be read: {err.strerror or err}") from None
+        names = [line.strip() for line in text.splitlines()]
     else:
         names = [n.strip() for n in class_names.split(",")]
     names = list(dict.fromkeys(n for n in names if n))
@@ -32,10 +39,25 @@ def _class_list(class_names: str | None, concept: str) -> list[str]:
     return names
 
 
-def _check_out(out: str | Path) -> Path:
+def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
+    """`out` as a Path, refused before any work unless it is a writable directory or can be
+    created as one (its nearest existing ancestor a writable directory)."""
+    import os
+
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SlugError(f"--out {out} exists and is not a directory")
+    if out.exists():
+        if not out.is_dir():
+            raise SlugError(f"{flag} {out} exists and is not a directory; pass a directory (it is created if missing)")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise SlugError(f"{flag} {out} is not writable; pass a directory you can write to")
+        return out
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SlugError(f"{flag} {out} cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SlugError(f"{flag} {out} cannot be created: {parent} is not writable")
     return out
 
 
@@ -68,7 +90,7 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
     from .memory import parse_budget
 
     t0 = time.perf_counter()
-    out = _check_out(out)
+    out = check_out_dir(out)
     budget = parse_budget(memory_budget)  # refuse a bad budget before loading anything
     names = _class_list(class_names, concept)
     if ranks is not None and budget is not None:
@@ -142,7 +164,9 @@ def _batches(adapter, pairs, batch_size: int, ranks) -> list:
 
 def _prepare(model, concept, names, pretrained, data, forget_data, retain_data, eval_data, aliases, limit, device):
     """(forget pairs, retain pairs, evaluation images, their labels, held-out concept pairs, adapter)."""
-    if (data is None) == (forget_data is None or retain_data is None):
+    if data is not None and (forget_data is not None or retain_data is not None):
+        raise SlugError("give either --data (split by the concept) or both --forget-data and --retain-data, not both")
+    if data is None and (forget_data is None or retain_data is None):
         raise SlugError("give either --data (split by the concept) or both --forget-data and --retain-data")
     if data is not None:
         forget_pairs, retain_pairs = split_by_concept(read_source(data, limit), [concept, *aliases])
@@ -166,7 +190,7 @@ def _prepare(model, concept, names, pretrained, data, forget_data, retain_data, 
 def run_apply(model: str, delta: str, out: str | Path, *, pretrained: str | None = None,
               device: str = "cpu", verify_base: bool = True) -> dict:
     """Apply a saved delta to a model and save the edited model to `out`."""
-    out = _check_out(out)
+    out = check_out_dir(out)
     load_delta(delta)  # refuse a bad delta before loading the model
     adapter = load_model(model, pretrained, device)
     changed = apply_delta(adapter.model, delta, verify_base=verify_base)

@@ -44,7 +44,9 @@ class SearchResult:
 
 
 def criterion_result(out) -> tuple[bool, dict]:
-    """Normalise a criterion's return value: bool, or (bool, metrics dict)."""
+    """Normalise a criterion's return value: a bool (Python, numpy, or a one-element bool
+    tensor), or a (bool, metrics dict) pair. Anything else (None from a forgotten return,
+    a float such as an accuracy, NaN) is refused: read as a verdict it would edit the model."""
     if isinstance(out, tuple):
         if len(out) != 2 or not isinstance(out[1], dict):
             raise SlugError("a criterion returns a bool or a (bool, metrics dict) pair, "
@@ -52,10 +54,27 @@ def criterion_result(out) -> tuple[bool, dict]:
         # 0-d tensors and numpy scalars become plain numbers, so reports stay JSON
         metrics = {k: v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v
                    for k, v in out[1].items()}
-        return bool(out[0]), metrics
-    if hasattr(out, "__bool__") and not isinstance(out, (list, dict, str)):
-        return bool(out), {}
-    raise SlugError(f"a criterion returns a bool or a (bool, metrics dict) pair, got {type(out).__name__}")
+        return _verdict(out[0]), metrics
+    return _verdict(out), {}
+
+
+def _verdict(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and getattr(value, "dtype", None) is not None \
+            and value.dtype.kind == "b" and value.size == 1:  # numpy's bool (a scalar or a one-element array)
+        return bool(value)
+    if hasattr(value, "dtype") and hasattr(value, "numel") and str(value.dtype) == "torch.bool" \
+            and value.numel() == 1:
+        return bool(value.item())
+    if value is None:
+        what = "None (a missing return?)"
+    elif hasattr(value, "shape"):
+        what = f"a {type(value).__name__} of dtype {value.dtype} and shape {tuple(value.shape)}"
+    else:
+        what = f"{type(value).__name__} {value!r}"[:80]
+    raise SlugError(f"a criterion says whether the concept is forgotten: it returns a bool (or a one-element bool "
+                    f"tensor), or a (bool, metrics dict) pair; it returned {what}")
 
 
 def start_step(param_norm: float, forget_norm: float, fraction: float = 0.1) -> float:
@@ -64,6 +83,12 @@ def start_step(param_norm: float, forget_norm: float, fraction: float = 0.1) -> 
         raise SlugError(f"cannot start a step search on a layer with ||theta|| = {param_norm} and "
                         f"||g_f|| = {forget_norm}; both must be positive")
     return fraction * param_norm / forget_norm
+
+
+def check_max_evals(max_evals) -> int:
+    if isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1:
+        raise SlugError(f"max_evals must be a positive integer, got {max_evals!r}")
+    return max_evals
 
 
 def search_step(evaluate: Evaluator, start: float, max_evals: int = 10) -> SearchResult:
@@ -75,8 +100,7 @@ def search_step(evaluate: Evaluator, start: float, max_evals: int = 10) -> Searc
     """
     if not (math.isfinite(start) and start > 0):
         raise SlugError(f"the start step must be a positive finite number, got {start}")
-    if max_evals < 1:
-        raise SlugError(f"max_evals must be at least 1, got {max_evals}")
+    check_max_evals(max_evals)
     lo, hi, step = 0.0, math.inf, float(start)
     trace: list[Evaluation] = []
     for _ in range(max_evals):
@@ -88,6 +112,8 @@ def search_step(evaluate: Evaluator, start: float, max_evals: int = 10) -> Searc
         else:
             lo = step
         step = 2 * step if math.isinf(hi) else (lo + hi) / 2
-        if not math.isfinite(step):
+        # bisection has converged once the midpoint is a bound (or within float rounding of
+        # one): every further evaluation would repeat a step already judged
+        if not math.isfinite(step) or not lo < step < hi or (math.isfinite(hi) and hi - lo <= 4 * math.ulp(hi)):
             break
     return SearchResult(None if math.isinf(hi) else hi, float(start), trace)

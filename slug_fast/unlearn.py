@@ -24,7 +24,7 @@ from .memory import (MAX_PREFERRED_PASSES, MODES, MemoryPlan, MemoryReport, Peak
                      plan)
 from .pareto import (NameRule, deepest, default_towers, group_of, is_eligible, matches, pareto_front,
                      split_towers)
-from .search import Evaluation, SearchResult, criterion_result, search_step, start_step
+from .search import Evaluation, SearchResult, check_max_evals, criterion_result, search_step, start_step
 from .stats import LayerStats
 from .stores import ChunkedStore, FullStore, OffloadStore, layers_of
 
@@ -160,6 +160,13 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     """
     if strategy not in STRATEGIES:
         raise SlugError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    # every argument is checked before the gradient pass: a typo never costs a pass
+    check_max_evals(max_evals)
+    if not callable(criterion):
+        raise SlugError(f"criterion must be callable, criterion(model) -> bool or (bool, metrics); got "
+                        f"{type(criterion).__name__}")
+    if utility is not None and not callable(utility):
+        raise SlugError(f"utility must be callable, utility(model) -> float; got {type(utility).__name__}")
     if cache not in (True, False, "linear"):
         raise SlugError(f"cache must be True, False or 'linear', got {cache!r}")
     if retain is None:
@@ -269,7 +276,10 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
                                   f"({summary}); the model is unchanged. Raise max_evals or relax the "
                                   "criterion", [c.search for c in candidates])
     if all(c.utility is not None for c in reached):
-        best = max(reached, key=lambda c: (c.utility, -c.relative_change))
+        undefined = [c.layers for c in reached if math.isnan(c.utility)]
+        if undefined:
+            log.warning("utility is NaN for %s; those candidates rank last", undefined)
+        best = max(reached, key=lambda c: (-math.inf if math.isnan(c.utility) else c.utility, -c.relative_change))
     else:
         best = min(reached, key=lambda c: c.relative_change)
 
@@ -403,7 +413,7 @@ def _search_layer(ad, tower, layers, directions_of, stats, criterion, utility, m
             (upstream_replay(ad.target, edit, linear=cache == "linear", max_bytes=cache_bytes) if cache
              else contextlib.nullcontext()):
         def evaluate(step: float) -> tuple[bool, dict]:
-            edit.step(step)
+            _together(ranks, lambda: edit.step(step), f"stepping {layers} to {step:.4g}")
             try:
                 return _verdict(ranks, lambda: criterion_result(criterion(model)),
                                 f"judging step {step:.4g} of {layers}")

@@ -94,3 +94,27 @@ def test_compare_writes_rows_for_each_method(tmp_path):
 def test_compare_refuses_an_unknown_method(tmp_path):
     out = run("compare", "--methods", "slug,magic", "--out", str(tmp_path / "c"), module=True)
     assert out.returncode == 2 and "unknown method 'magic'" in out.stderr and not (tmp_path / "c").exists()
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_out_untouched(tmp_path):
+    import signal
+    import time
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "report.json").write_text("keep me")
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "slug_fast", "demo", "--epochs", "30", "--out", str(out_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # wait until it has spent CPU time well past the imports (about 2.5 s): it is training
+    ticks = os.sysconf("SC_CLK_TCK")
+    for _ in range(600):
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if (int(fields[11]) + int(fields[12])) / ticks > 8:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip() == "slug-fast: interrupted; nothing was written" and stdout == ""
+    assert [p.name for p in out_dir.iterdir()] == ["report.json"] and (out_dir / "report.json").read_text() == "keep me"

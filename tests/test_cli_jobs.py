@@ -115,3 +115,35 @@ def test_apply_refuses_a_corrupt_delta(saved, tmp_path):
     res = run("apply", "--model", saved["model"], "--delta", bad, "--out", tmp_path / "applied")
     assert res.returncode == 2 and "is not a slug_fast.delta config" in res.stderr
     assert not (tmp_path / "applied").exists()
+
+
+def test_unlearn_refuses_data_with_forget_data_and_bad_out_or_class_files_in_one_line(saved, tmp_path):
+    """Each refused before the model loads: exit 2, one line, nothing written."""
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    latin1 = tmp_path / "names.txt"
+    latin1.write_bytes("seven\nJos\xe9\n".encode("latin-1"))
+    base = ["--model", saved["model"], "--concept", "seven", "--quiet"]
+    cases = [
+        (["--data", saved["train"], "--forget-data", saved["train"], "--class-names", CLASSES,
+          "--out", tmp_path / "a"], "or both --forget-data and --retain-data, not both"),
+        (["--data", saved["train"], "--class-names", CLASSES, "--out", blocker / "sub"],
+         f"--out {blocker / 'sub'} cannot be created: {blocker} is not a directory"),
+        (["--data", saved["train"], "--class-names", f"@{latin1}", "--out", tmp_path / "b"],
+         f"--class-names file {latin1} is not UTF-8 text"),
+    ]
+    for args, message in cases:
+        res = run("unlearn", *base, *args)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert message in res.stderr and "Traceback" not in res.stderr
+    assert blocker.read_text() == "keep me" and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_criterion_not_reached_is_exit_3(saved, tmp_path):
+    """An outcome, not bad input: its own exit code, one line, nothing written."""
+    res = run("unlearn", "--model", saved["model"], "--data", saved["train"], "--concept", "seven",
+              "--class-names", CLASSES, "--out", tmp_path / "out", "--quiet", "--max-evals", "1", "--limit", "200",
+              "--tower", "text")
+    assert res.returncode == 3, res.stderr
+    assert res.stderr.startswith("slug-fast: criterion not reached:") and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

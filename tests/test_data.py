@@ -112,6 +112,21 @@ def test_a_truncated_shard_keeps_what_it_yielded_and_the_run_goes_on(tmp_path, r
     assert [(s.key, s.kind) for s in pairs.skipped] == [(str(tmp_path / "a-cut.tar"), "unreadable")]
 
 
+def test_a_shard_cut_at_a_member_boundary_is_recorded_as_truncated(tmp_path, rng):
+    """Without tar's end-of-archive blocks a shard cut between samples is not a shorter valid one."""
+    members = [m for i in range(4) for m in ((f"{i:04d}.png", encoded(random_image(rng, (16, 16)), "PNG")),
+                                             (f"{i:04d}.txt", f"item {i}".encode()))]
+    whole = write_tar(tmp_path / "whole.tar", members)
+    with tarfile.open(whole) as tar:
+        boundary = tar.getmembers()[4].offset  # the header of sample 2's image
+    (tmp_path / "cut.tar").write_bytes(whole.read_bytes()[:boundary])
+    pairs = read_webdataset(tmp_path / "cut.tar")
+    assert pairs.captions == ["item 0", "item 1"]
+    assert [(s.key, s.kind) for s in pairs.skipped] == [(str(tmp_path / "cut.tar"), "unreadable")]
+    assert "truncated" in pairs.skipped[0].detail
+    assert read_webdataset(whole).skipped == ()  # the whole shard: nothing skipped
+
+
 def test_image_folder_reads_its_captions_file(tmp_path, rng):
     (tmp_path / "sub").mkdir()
     a, b = random_image(rng), random_image(rng)

@@ -168,3 +168,18 @@ def test_grouped_update_in_one_launch_matches_the_reference(backend, gen):
         assert same_bits(out.cpu(), ref.cpu())
     with pytest.raises(ValueError, match="contiguous"):
         kernels.axpy_many([outs[0].T], [bases[0].T], [dirs[0].T], 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_step_that_overflows_the_dtype_is_undone_and_refused(dtype):
+    layer = torch.nn.Linear(4, 3).to(dtype)
+    theta0 = layer.weight.detach().clone()
+    direction = torch.ones_like(layer.weight)
+    too_far = {torch.float16: 1e5, torch.bfloat16: 1e39, torch.float32: 3e38 * 4}[dtype]
+    with slug_fast.LayerEdit(layer, {"weight": direction}) as edit:
+        edit.step(0.5)
+        with pytest.raises(NonFiniteError, match=f"takes 'weight' out of the range of {dtype}"):
+            edit.step(too_far)
+        assert torch.equal(layer.weight, theta0) and edit.current_step == 0.0
+        edit.commit()  # committing after the refusal keeps theta0, not an inf
+    assert torch.equal(layer.weight, theta0)

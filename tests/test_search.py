@@ -1,5 +1,6 @@
 """Step search on problems with a known answer: the criterion holds iff step >= c."""
 import math
+import re
 
 import pytest
 import torch
@@ -60,7 +61,7 @@ def test_never_reached_reports_the_whole_trace():
 def test_bad_arguments():
     with pytest.raises(SlugError, match="positive finite"):
         search_step(lambda s: True, 0.0)
-    with pytest.raises(SlugError, match="max_evals must be at least 1"):
+    with pytest.raises(SlugError, match="max_evals must be a positive integer, got 0"):
         search_step(lambda s: True, 1.0, 0)
     with pytest.raises(SlugError, match="both must be positive"):
         start_step(0.0, 1.0)
@@ -68,11 +69,36 @@ def test_bad_arguments():
 
 
 def test_criterion_results_are_normalised():
+    import numpy as np
+
     assert criterion_result(True) == (True, {})
-    assert criterion_result((0, {"acc": 1.0})) == (False, {"acc": 1.0})
+    assert criterion_result((False, {"acc": 1.0})) == (False, {"acc": 1.0})
+    assert criterion_result(np.float64(0.0) == 0) == (True, {})  # numpy's bool
+    assert criterion_result(torch.tensor([False])) == (False, {})
     ok, metrics = criterion_result((torch.tensor(True), {"acc": torch.tensor(0.5), "v": [1]}))
     assert ok is True and metrics == {"acc": 0.5, "v": [1]} and type(metrics["acc"]) is float
-    with pytest.raises(SlugError, match="bool or a"):
-        criterion_result("yes")
     with pytest.raises(SlugError, match="tuple of 3"):
         criterion_result((True, {}, 1))
+    # what would silently edit (or silently never edit) the model is refused, naming what came back
+    for value, named in ((None, "None (a missing return?)"), (float("nan"), "float nan"), (0.93, "float 0.93"),
+                         (0, "int 0"), ("yes", "str 'yes'"),
+                         (torch.tensor([True, False]), "dtype torch.bool and shape (2,)"),
+                         (torch.tensor(1.0), "dtype torch.float32 and shape ()")):
+        for wrapped in (value, (value, {})):
+            with pytest.raises(SlugError, match=re.escape(f"it returned {'a Tensor of ' if 'dtype' in named else ''}"
+                                                          f"{named}")):
+                criterion_result(wrapped)
+
+
+def test_bisection_stops_once_it_has_converged():
+    """A huge budget ends when the midpoint is a bound already judged, never re-judging a step."""
+    evaluate, calls = threshold(1.0 / 3.0)
+    res = search_step(evaluate, 0.25, max_evals=400)
+    assert len(calls) == len(set(calls)) < 80  # about 2 doublings + 53 bisections of a double
+    assert res.step >= 1.0 / 3.0 and res.step - 1.0 / 3.0 <= 4 * math.ulp(res.step)
+
+
+@pytest.mark.parametrize("bad", [2.5, 0, -1, True, "10", None])
+def test_max_evals_must_be_a_positive_integer(bad):
+    with pytest.raises(SlugError, match=re.escape(f"max_evals must be a positive integer, got {bad!r}")):
+        search_step(lambda s: (True, {}), 1.0, bad)

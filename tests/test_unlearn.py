@@ -1,5 +1,6 @@
 """unlearn end to end on a tiny open_clip model (the digits mini-CLIP), deltas and bad input."""
 import json
+import re
 
 import pytest
 import torch
@@ -168,3 +169,42 @@ def test_corrupt_or_mismatched_deltas_are_refused(digits_model, digits_trained, 
     with pytest.raises(DeltaError, match="is not a directory"):
         res.save(good / "delta.safetensors")
     assert slug_fast.load_delta(good)[1]["layers"] == res.layers
+
+
+def test_arguments_are_checked_before_the_gradient_pass(digits_model, digits_trained):
+    """A bad max_evals, criterion or utility is refused before any batch is read."""
+    data = digits_trained[1]
+    _, retain = sets(data, FORGET)
+    crit = criterion_for(data, FORGET)
+
+    def untouchable():
+        raise AssertionError("a batch was read")
+        yield
+
+    for kwargs, message in ((dict(max_evals=2.5), "max_evals must be a positive integer, got 2.5"),
+                            (dict(max_evals=0), "max_evals must be a positive integer, got 0"),
+                            (dict(utility="retain"), "utility must be callable"),
+                            (dict(criterion=None), "criterion must be callable")):
+        call = {"criterion": crit, **kwargs}
+        with pytest.raises(SlugError, match=re.escape(message)):
+            slug_fast.unlearn(digits_model, untouchable(), retain, call.pop("criterion"), progress=False, **call)
+
+
+def test_a_nan_utility_ranks_last(digits_model, digits_trained, caplog):
+    """max() over NaN keys depends on the order; a NaN utility must lose to any real one."""
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    crit = criterion_for(data, FORGET)
+    first = slug_fast.unlearn(digits_model, forget, retain, crit, apply=False, progress=False)
+    reached = [c for c in first.candidates if c.search.reached]
+    assert len(reached) >= 2
+    loser = reached[0].layers  # NaN while the search has the first reached candidate edited, 1.0 otherwise
+    original = params_of(digits_model)
+
+    def utility(model):
+        named = dict(model.named_parameters())
+        return float("nan") if any(not torch.equal(named[n].detach(), original[n]) for n in loser) else 1.0
+
+    with caplog.at_level("WARNING", logger="slug_fast"):
+        res = slug_fast.unlearn(digits_model, forget, retain, crit, utility=utility, apply=False, progress=False)
+    assert res.layers != loser and "utility is NaN" in caplog.text
