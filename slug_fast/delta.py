@@ -2,7 +2,8 @@
 
 A delta directory holds `delta.safetensors` (name -> float32/float64 change, only
 the edited tensors) and `delta_config.json` (format, method, layers, step, and per
-tensor the parameter's shape, dtype and a SHA-256 of its original bytes).
+tensor the parameter's shape, dtype and a SHA-256 of its original bytes; and
+`tensors_file_sha256`, binding the config to its tensor file).
 Applying sets theta = cast(theta + delta); deltas computed on the same original
 model compose.
 """
@@ -11,16 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 from .adapters.base import named_parameters_of
 from .edit import LayerEdit
 from .errors import DeltaError, unknown_name
-from .files import write_atomic, write_json_atomic
+from .files import exchange, staging_dir, swap_in, write_atomic, write_json_atomic
 
 FORMAT = "slug_fast.delta"
 VERSION = 1
@@ -39,50 +42,156 @@ def tensor_spec(t: torch.Tensor) -> dict:
     return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "base_sha256": tensor_sha256(t)}
 
 
-def save_delta(path: str | os.PathLike, delta: Mapping[str, torch.Tensor],
-               specs: Mapping[str, dict], meta: Mapping | None = None) -> Path:
-    """Write `delta` (name -> change) to directory `path` atomically, file by file.
+RESERVED = ("format", "version", "tensors", "tensors_file_sha256")
+_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 
-    `specs` holds `tensor_spec` of each original parameter; `meta` goes into the config.
-    """
-    path = Path(path)
+
+def _is_sha256(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def _is_shape(v) -> bool:
+    return isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)
+
+
+def _spec_problem(spec) -> str | None:
+    """What is wrong with one tensor's spec (see tensor_spec), or None."""
+    if not isinstance(spec, dict):
+        return f"is a {type(spec).__name__}; expected a table with shape, dtype and base_sha256"
+    if not _is_shape(spec.get("shape")):
+        return f"has shape {spec.get('shape')!r}; expected a list of non-negative integers"
+    if not isinstance(spec.get("dtype"), str) or spec["dtype"] not in _DTYPES:
+        return f"has dtype {spec.get('dtype')!r}; expected a torch dtype name such as 'float32'"
+    if not _is_sha256(spec.get("base_sha256")):
+        return f"has base_sha256 {str(spec.get('base_sha256'))[:80]!r}; expected 64 lowercase hex digits"
+    return None
+
+
+def _tensor_problem(t) -> str | None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        return f"is {t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}; expected a floating-point tensor"
+    if not bool(torch.isfinite(t).all()):
+        return "holds NaN or Inf"
+    return None
+
+
+def _check_target(path: Path) -> None:
+    """Refuse a `path` that is a file or lies under one, before anything is created."""
     if path.exists() and not path.is_dir():
         raise DeltaError(f"{path} exists and is not a directory; a delta is saved as a directory")
-    path.mkdir(parents=True, exist_ok=True)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DeltaError(f"cannot save a delta to {path}: {parent} is a file, not a directory")
+            return
+
+
+def save_delta(path: str | os.PathLike, delta: Mapping[str, torch.Tensor],
+               specs: Mapping[str, dict], meta: Mapping | None = None) -> Path:
+    """Write `delta` (name -> change) to directory `path`, the pair all or nothing.
+
+    `specs` holds `tensor_spec` of each original parameter; `meta` goes into the config.
+    Everything is checked before anything is created. The pair is written into a staging
+    directory and swapped in, so a reader sees the old pair or the new one; if `path`
+    holds files of its own, only the two delta files are swapped (the config's SHA-256 of
+    the tensor file still makes load_delta refuse a mixed pair).
+    """
+    path = Path(path)
+    if not isinstance(delta, Mapping) or not delta:
+        raise DeltaError("a delta needs a non-empty mapping of parameter name -> change tensor")
+    for name, t in delta.items():
+        if not isinstance(name, str) or not name:
+            raise DeltaError(f"delta names must be non-empty strings; got {name!r}")
+        if (problem := _tensor_problem(t)) is not None:
+            raise DeltaError(f"delta for {name!r} {problem}")
+        if not isinstance(specs, Mapping) or name not in specs:
+            raise DeltaError(f"specs have no entry for delta tensor {name!r}; give tensor_spec(original "
+                             "parameter) for every name in the delta")
+        if (problem := _spec_problem(specs[name])) is not None:
+            raise DeltaError(f"spec of {name!r} {problem}")
+        if list(t.shape) != specs[name]["shape"]:
+            raise DeltaError(f"delta for {name!r} has shape {list(t.shape)}; its spec says {specs[name]['shape']}")
+    meta = dict(meta or {})
+    if clash := sorted(set(meta) & set(RESERVED)):
+        raise DeltaError(f"meta may not set {clash}; slug_fast writes {list(RESERVED)} itself")
     tensors = {n: d.detach().contiguous().cpu() for n, d in delta.items()}
-    config = {
-        "format": FORMAT,
-        "version": VERSION,
-        **(dict(meta) if meta else {}),
-        "tensors": {n: dict(specs[n]) for n in tensors},
-    }
-    write_atomic(path / TENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    write_json_atomic(path / CONFIG_FILE, config)
+    config = {"format": FORMAT, "version": VERSION, **meta,
+              "tensors": {n: dict(specs[n]) for n in tensors}}
+    try:
+        json.dumps(config)
+    except (TypeError, ValueError) as err:
+        raise DeltaError(f"meta must be JSON-serialisable ({err})") from None
+    _check_target(path)
+    staging = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        own = path.is_symlink() or path.is_dir() and any(  # files of its own stay: swap only the pair
+            p.name not in (TENSORS_FILE, CONFIG_FILE) for p in path.iterdir())
+        staging = staging_dir(path, inside=own)
+        data = safetensors_save(tensors, metadata={"format": FORMAT})
+        config["tensors_file_sha256"] = hashlib.sha256(data).hexdigest()
+        write_atomic(staging / TENSORS_FILE, lambda tmp: Path(tmp).write_bytes(data))
+        write_json_atomic(staging / CONFIG_FILE, config)
+        if own:
+            swap_in(path, staging, [TENSORS_FILE, CONFIG_FILE])
+        else:
+            exchange(staging, path)
+    except OSError as err:
+        raise DeltaError(f"could not write the delta to {path}: {err.strerror or err}") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)  # after a swap it holds the old pair
     return path
 
 
+def _config_problem(config) -> str | None:
+    if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("tensors"), dict):
+        return f"is not a {FORMAT} config (format must be {FORMAT!r} with a 'tensors' table)"
+    if type(config.get("version")) is not int or config["version"] != VERSION:
+        return f"has version {config.get('version')!r}; this slug_fast reads version {VERSION}"
+    if not config["tensors"]:
+        return "lists no tensors"
+    for name, spec in config["tensors"].items():
+        if (problem := _spec_problem(spec)) is not None:
+            return f"entry tensors[{name!r}] {problem}"
+    if "tensors_file_sha256" in config and not _is_sha256(config["tensors_file_sha256"]):
+        return f"has tensors_file_sha256 {str(config['tensors_file_sha256'])[:80]!r}; expected 64 lowercase hex digits"
+    return None
+
+
 def load_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(name -> change, config) from a delta directory; never unpickles."""
+    """(name -> change, config) from a delta directory, every entry checked; never unpickles.
+
+    A config without `tensors_file_sha256` (written before it was recorded) is still read.
+    """
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / TENSORS_FILE).is_file():
         raise DeltaError(f"{path} is not a slug_fast delta: expected {TENSORS_FILE} and {CONFIG_FILE} in it")
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise DeltaError(f"{path / CONFIG_FILE} is not valid JSON ({err})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("tensors"), dict):
-        raise DeltaError(f"{path / CONFIG_FILE} is not a {FORMAT} config (format must be {FORMAT!r} "
-                         "with a 'tensors' table)")
-    if config.get("version") != VERSION:
-        raise DeltaError(f"{path / CONFIG_FILE} has version {config.get('version')}; "
-                         f"this slug_fast reads version {VERSION}")
+    if (problem := _config_problem(config)) is not None:
+        raise DeltaError(f"{path / CONFIG_FILE} {problem}")
+    data = (path / TENSORS_FILE).read_bytes()  # hashed and parsed from one read
     try:
-        tensors = load_file(path / TENSORS_FILE)
+        tensors = safetensors_load(data)
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise DeltaError(f"{path / TENSORS_FILE} is not a readable safetensors file ({err})") from None
+    expected = config.get("tensors_file_sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise DeltaError(f"{path / TENSORS_FILE} is not the tensor file {CONFIG_FILE} was written with (its "
+                         "SHA-256 differs: an interrupted or mixed save, or a corrupted file); save the delta again")
     if set(tensors) != set(config["tensors"]):
         raise DeltaError(f"{path}: the tensors in {TENSORS_FILE} ({sorted(tensors)[:3]}) do not match "
                          f"the config ({sorted(config['tensors'])[:3]})")
+    tensors = {n: tensors[n] for n in config["tensors"]}  # the saved order, not the file's
+    for name, t in tensors.items():
+        if (problem := _tensor_problem(t)) is not None:
+            raise DeltaError(f"{path / TENSORS_FILE}: delta for {name!r} {problem}")
+        if list(t.shape) != config["tensors"][name]["shape"]:
+            raise DeltaError(f"{path}: delta for {name!r} has shape {list(t.shape)}; the config says "
+                             f"{config['tensors'][name]['shape']}")
     return tensors, config
 
 

@@ -1,6 +1,7 @@
 """Atomic file output: write to a temporary file beside the target, then rename over it."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -32,3 +33,80 @@ def _umask() -> int:
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     return write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def _load_renameat2():
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, ImportError):  # not Linux/glibc >= 2.28
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+_RENAMEAT2 = _load_renameat2()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> None:
+    """Swap what `a` and `b` name (files or directories; either may be absent).
+
+    Atomic where the OS can swap two names at once (Linux renameat2); elsewhere two
+    renames, with `b` absent for a moment in between. Both must be on one filesystem.
+    """
+    a, b = Path(a), Path(b)
+    a_there, b_there = os.path.lexists(a), os.path.lexists(b)
+    if not a_there or not b_there:
+        if a_there:
+            os.rename(a, b)
+        elif b_there:
+            os.rename(b, a)
+        return
+    if _RENAMEAT2 is not None:
+        import ctypes
+
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # else: filesystem can't; fall back
+            raise OSError(code, os.strerror(code), str(a), None, str(b))
+    hold = Path(tempfile.mkdtemp(dir=b.parent, prefix=f".{b.name}.", suffix=".swap"))
+    try:
+        os.rename(b, hold / "x")
+        try:
+            os.rename(a, b)
+        except BaseException:
+            os.rename(hold / "x", b)
+            raise
+        os.rename(hold / "x", a)
+    finally:
+        os.rmdir(hold)
+
+
+def swap_in(dest: str | os.PathLike, staged: str | os.PathLike, names: list[str]) -> None:
+    """Make each dest/name what staged/name is (absent included), all or nothing.
+
+    Afterwards staged/name holds the old dest/name; on failure every name already swapped
+    is swapped back and the error re-raised. Names are swapped in order: put a manifest last.
+    """
+    dest, staged = Path(dest), Path(staged)
+    done = []
+    try:
+        for name in names:
+            exchange(staged / name, dest / name)
+            done.append(name)
+    except BaseException:
+        for name in reversed(done):
+            exchange(staged / name, dest / name)
+        raise
+
+
+def staging_dir(beside: str | os.PathLike, inside: bool = False) -> Path:
+    """A new hidden temporary directory inside `beside` (inside=True) or in its parent."""
+    beside = Path(beside)
+    path = Path(tempfile.mkdtemp(dir=beside if inside else beside.parent, prefix=f".{beside.name}.",
+                                 suffix=".staging"))
+    os.chmod(path, 0o777 & ~_umask())  # mkdtemp makes 0700; it may become the target itself
+    return path

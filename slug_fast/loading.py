@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from .adapters.clip import ClipFamilyAdapter
@@ -78,32 +77,43 @@ def _open_clip_config(source: dict) -> dict:
 def save_model(adapter: ClipFamilyAdapter, out: str | os.PathLike) -> Path:
     """Write the (edited) model to directory `out`, loadable again by load_model.
 
-    Files are written into a temporary sibling directory, then moved into `out`.
+    The files are written into a staging directory, then swapped in all or nothing (a new
+    `out` is renamed into place); files in `out` that this save does not write are left.
     """
     from safetensors.torch import save_file
+
+    from .files import exchange, staging_dir, swap_in
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SlugError(f"{out} exists and is not a directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SlugError(f"cannot save the model to {out}: {parent} is a file, not a directory")
+            break
+    source = getattr(adapter, "source", {"library": adapter.name})
+    if source["library"] not in ("open_clip", "transformers"):
+        raise SlugError(f"saving {adapter.name} models is not supported by the command line")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    existing = out.is_dir()
+    staging = staging_dir(out, inside=existing)  # inside: same filesystem as what it replaces
     try:
-        source = getattr(adapter, "source", {"library": adapter.name})
         if source["library"] == "open_clip":
             state = {k: v.detach().contiguous().cpu() for k, v in adapter.model.state_dict().items()}
             save_file(state, staging / "open_clip_model.safetensors")
             (staging / "open_clip_config.json").write_text(json.dumps(_open_clip_config(source), indent=2))
-        elif source["library"] == "transformers":
+        else:
             adapter.model.save_pretrained(staging, safe_serialization=True)
             for part in (adapter.tokenizer, adapter.image_processor):
                 if part is not None:
                     part.save_pretrained(staging)
+        if existing:
+            # weights first, configs last: a config names the weights a loader looks for
+            names = sorted((p.name for p in staging.iterdir()), key=lambda n: (n.endswith(".json"), n))
+            swap_in(out, staging, names)
         else:
-            raise SlugError(f"saving {adapter.name} models is not supported by the command line")
-        out.mkdir(exist_ok=True)
-        for item in staging.iterdir():
-            os.replace(item, out / item.name)
+            exchange(staging, out)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # after a swap: the replaced files
     return out
-

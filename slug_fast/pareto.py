@@ -27,15 +27,30 @@ def pareto_front(alignment, importance, backend: str = "auto") -> list[int]:
 
     j dominates i iff alignment[j] < alignment[i] and importance[j] > importance[i].
     Ties and duplicates are all kept; a NaN in either value is never on the front.
+    Both inputs are 1-D real sequences (lists, tuples, tensors, arrays) of equal length.
     """
-    a = torch.as_tensor(alignment, dtype=torch.float64).flatten().cpu()
-    m = torch.as_tensor(importance, dtype=torch.float64).flatten().cpu()
+    a = _as_values("alignment", alignment)
+    m = _as_values("importance", importance)
     if a.numel() != m.numel():
         raise SlugError(f"alignment has {a.numel()} values but importance has {m.numel()}")
     chosen = _backends.choose("pareto_front", torch.device("cpu"), backend if backend != "triton" else "cpp")
     if chosen == "cpp":
         return _backends.module("cpp").pareto_front(a, m).tolist()
     return _front_reference(a, m)
+
+
+def _as_values(what: str, values) -> torch.Tensor:
+    """`values` as a 1-D float64 CPU tensor, or a SlugError saying what was passed."""
+    try:
+        t = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise SlugError(f"{what} must be a 1-D sequence of numbers; got {type(values).__name__} "
+                        f"({str(e).splitlines()[0] if str(e) else 'not numeric'})") from None
+    if t.dtype == torch.bool or t.is_complex():
+        raise SlugError(f"{what} must hold real numbers; got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise SlugError(f"{what} must be 1-D (one value per layer); got shape {tuple(t.shape)}")
+    return t.to(torch.float64).cpu()
 
 
 def _front_reference(a: torch.Tensor, m: torch.Tensor) -> list[int]:

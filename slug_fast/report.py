@@ -103,18 +103,60 @@ def markdown(report: dict) -> str:
 
 def write_outputs(out: str | Path, report: dict, result, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Write delta/, report.md, pareto_<tower>.png and last report.json (listing them and the
-    `extra` files already written) into `out`; returns what went where."""
-    from .files import write_json_atomic
+    `extra` files already written) into `out`; returns what went where.
+
+    The set is written into a staging directory inside `out` and swapped in name by name,
+    report.json last; on failure the previous set is swapped back. Outputs the previous
+    report.json listed that this run does not write are moved out with the old set; no
+    other file in `out` is touched.
+    """
+    import shutil
+
+    from .delta import CONFIG_FILE, TENSORS_FILE
+    from .errors import DeltaError
+    from .files import staging_dir, swap_in, write_json_atomic
 
     out = Path(out)
+    delta = out / "delta"
+    if delta.exists() and not delta.is_dir():
+        raise DeltaError(f"{delta} exists and is not a directory; a delta is saved as a directory")
     out.mkdir(parents=True, exist_ok=True)
-    files = {"delta": str(result.save(out / "delta")), **(extra or {})}
-    for tower, front in result.fronts.items():
-        members = [n for n in result.stats.names if n in result.tower_members.get(tower, ())]
-        path = plot_pareto(result.stats, members, front, result.layers, out / f"pareto_{tower}.png",
-                           f"{report.get('concept', '')}: {tower} tower".strip(": "))
-        files[f"pareto_{tower}"] = str(path)
-    files["report_md"] = str(write_atomic(out / "report.md", lambda tmp: Path(tmp).write_text(markdown(report))))
-    files["report_json"] = str(out / "report.json")
-    write_json_atomic(out / "report.json", {**report, "files": files})
+    staging = staging_dir(out, inside=True)
+    try:
+        result.save(staging / "delta")
+        files = {"delta": str(delta), **(extra or {})}
+        # a delta/ holding files of its own keeps them: swap only the pair inside it
+        names = [f"delta/{TENSORS_FILE}", f"delta/{CONFIG_FILE}"] if delta.is_symlink() or delta.is_dir() and any(
+            p.name not in (TENSORS_FILE, CONFIG_FILE) for p in delta.iterdir()) else ["delta"]
+        for tower, front in result.fronts.items():
+            members = [n for n in result.stats.names if n in result.tower_members.get(tower, ())]
+            plot_pareto(result.stats, members, front, result.layers, staging / f"pareto_{tower}.png",
+                        f"{report.get('concept', '')}: {tower} tower".strip(": "))
+            files[f"pareto_{tower}"] = str(out / f"pareto_{tower}.png")
+            names.append(f"pareto_{tower}.png")
+        (staging / "report.md").write_text(markdown(report))
+        files["report_md"], files["report_json"] = str(out / "report.md"), str(out / "report.json")
+        write_json_atomic(staging / "report.json", {**report, "files": files})
+        names += ["report.md", "report.json"]
+        stale = [n for n in _previous_outputs(out) if n not in names and n != "delta"]
+        swap_in(out, staging, [*stale, *names])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # after the swap: the previous set
     return files
+
+
+def _previous_outputs(out: Path) -> list[str]:
+    """Names of our outputs the report.json in `out` lists (delta, plots, reports), if any."""
+    import json
+
+    try:
+        files = json.loads((out / "report.json").read_text()).get("files")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return []
+    if not isinstance(files, dict):
+        return []
+    ours = [Path(v) for k, v in files.items() if isinstance(k, str) and isinstance(v, str)
+            and (k in ("delta", "report_md", "report_json") or k.startswith("pareto_"))]
+    return [p.name for p in ours if p.name and p.parent == out
+            and (p.name in ("delta", "report.md", "report.json")
+                 or p.name.startswith("pareto_") and p.name.endswith(".png"))]

@@ -56,9 +56,9 @@ def sums_reference(params, forget, retain=None) -> torch.Tensor:
 _SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # Declared accuracy of each backend's sums (sum x^2, and sum f*r relative to sum |f*r|)
-# against exact float64 sums of the same input values, for 16/32-bit inputs:
-# cpp sums 32-term float32 lanes into float64, triton 8-term lanes then a float32
-# tree over 1024 lanes, torch is the float64 reference.
+# against exact float64 sums of the same input values, for 16/32-bit inputs at any
+# magnitude: cpp and triton widen each element to float64 before multiplying (exact
+# products, float64 sums in another order), torch is the float64 reference.
 SUM_RTOL = {"cpp": 1e-5, "triton": 1e-5, "torch": 1e-12}
 
 

@@ -275,13 +275,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
         raise CriterionNotReached(f"the criterion never held within {max_evals} evaluations per layer "
                                   f"({summary}); the model is unchanged. Raise max_evals or relax the "
                                   "criterion", [c.search for c in candidates])
-    if all(c.utility is not None for c in reached):
-        undefined = [c.layers for c in reached if math.isnan(c.utility)]
-        if undefined:
-            log.warning("utility is NaN for %s; those candidates rank last", undefined)
-        best = max(reached, key=lambda c: (-math.inf if math.isnan(c.utility) else c.utility, -c.relative_change))
-    else:
-        best = min(reached, key=lambda c: c.relative_change)
+    best = _choose(reached)
 
     distributed.reshard(ad.target)
     targets = ad.edit_params(best.layers)
@@ -311,6 +305,31 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     return UnlearnResult(best.layers, user_keys, best.tower, best.search.step, best.relative_change,
                          best.search.trace, candidates, fronts, tower_names, stats, times, delta, specs, apply,
                          {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name}, report, shared)
+
+
+TIE = 1e-9  # relative: candidates this close in utility or relative change are equal
+
+
+def _choose(reached: list[Candidate]) -> Candidate:
+    """The candidate with the highest utility (NaN ranks last), then the smallest relative
+    change; the first in search order among equals. Equal up to TIE, not bit for bit: every
+    search starts at the same relative change and halves or doubles it, so candidates that
+    stop at the same point tie exactly in exact arithmetic, and rounding must not pick the
+    winner (it would differ between one process and several)."""
+    def near(a: float, b: float) -> bool:
+        return abs(a - b) <= TIE * max(abs(a), abs(b))
+
+    pool = reached
+    if all(c.utility is not None for c in pool):
+        undefined = [c.layers for c in pool if math.isnan(c.utility)]
+        if undefined:
+            log.warning("utility is NaN for %s; those candidates rank last", undefined)
+        defined = [c for c in pool if not math.isnan(c.utility)]
+        if defined:
+            top = max(c.utility for c in defined)
+            pool = [c for c in defined if near(c.utility, top)]
+    smallest = min(c.relative_change for c in pool)
+    return next(c for c in pool if near(c.relative_change, smallest))
 
 
 def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, passes: int | None, grouped: bool,

@@ -109,3 +109,24 @@ def test_large_fronts_on_a_noisy_trade_off_curve(backend, gen):
     expected = brute_force(a, m)
     assert len(expected) > 100
     assert slug_fast.pareto_front(a, m, backend=backend) == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_must_be_one_dimensional_real_sequences(backend):
+    front = lambda a, m: slug_fast.pareto_front(a, m, backend=backend)  # noqa: E731
+    with pytest.raises(SlugError, match=r"alignment must be 1-D \(one value per layer\); got shape \(2, 3\)"):
+        front(torch.zeros(2, 3), torch.zeros(3, 2))  # once flattened silently to 6 against 6
+    with pytest.raises(SlugError, match=r"importance must be 1-D .* got shape \(3, 2\)"):
+        front(torch.zeros(6), torch.zeros(3, 2))
+    with pytest.raises(SlugError, match=r"got shape \(\)"):
+        front(0.5, [1.0])
+    with pytest.raises(SlugError, match="alignment must be a 1-D sequence of numbers; got list"):
+        front(["a", "b"], [1.0, 2.0])
+    with pytest.raises(SlugError, match="importance must be a 1-D sequence of numbers; got str"):
+        front([0.1, 0.2], "ab")
+    with pytest.raises(SlugError, match="importance must be a 1-D sequence of numbers; got NoneType"):
+        front([0.1], None)
+    with pytest.raises(SlugError, match="alignment must hold real numbers; got dtype torch.bool"):
+        front([True, False], [1.0, 2.0])
+    assert front(torch.tensor([3, 1]), [1.0, 2.0]) == [1]  # integers are numbers
+    assert front([float("nan"), 0.2], [1.0, 2.0]) == [1]  # NaN still just left off the front

@@ -7,7 +7,7 @@ import torch
 
 import slug_fast
 from slug_fast.errors import NonFiniteError, SlugError
-from slug_fast.stats import SUM_RTOL
+from slug_fast.stats import SUM_RTOL, stats_from_sums
 
 from conftest import available, device_for
 
@@ -166,3 +166,36 @@ def test_triton_kernel_refuses_non_contiguous_tensors(backend):
     p = torch.randn(8, 6, device=dev)
     with pytest.raises(ValueError, match="layer 0: the forget gradient tensor is not contiguous"):
         kernels.layer_sums([p], [p.T.contiguous().T], None)
+
+
+# (dtype, scale): magnitudes whose float32 squares overflow (3e19, 1e30) or underflow (1e-23,
+# 1e-30, 1e-40 is float32-subnormal); float16's own extremes (subnormal 6e-8, near-max 6e4).
+EXTREMES = [(torch.float32, s) for s in (1e-23, 1e-30, 1e-40, 3e19, 1e30)] + \
+           [(torch.bfloat16, s) for s in (1e-23, 1e-30, 3e19, 1e30)] + \
+           [(torch.float16, s) for s in (6e-8, 1e-4, 3e4)] + [(torch.float64, 1e100)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,scale", EXTREMES)
+def test_sums_exact_at_extreme_magnitudes(backend, dtype, scale, gen):
+    from slug_fast.stats import layer_sums, sums_reference
+
+    dev = device_for(backend)
+    n = 1037  # vector blocks and a scalar tail
+    signs = torch.randint(0, 2, (3, n), generator=gen) * 2.0 - 1.0
+    mant = (1 + torch.rand(3, n, generator=gen, dtype=torch.float64)) * signs
+    mant[:, torch.rand(n, generator=gen) < 0.1] = 0.0  # zeros among them
+    p, f, r = ((mant[i] * scale).to(dtype) for i in range(3))
+    assert (f != 0).any() and f.abs().max().isfinite()  # representable, not flushed to zero
+    params = {"w": p.to(dev), "z": torch.zeros(5, dtype=dtype, device=dev)}
+    forget = {"w": f.to(dev), "z": torch.zeros(5, dtype=dtype, device=dev)}
+    retain = {"w": r.to(dev), "z": torch.zeros(5, dtype=dtype, device=dev)}
+    sums, _ = layer_sums(params, forget, retain, backend=backend)
+    ref = sums_reference([p, params["z"].cpu()], [f, forget["z"].cpu()], [r, retain["z"].cpu()])
+    rtol = SUM_RTOL[backend]
+    assert torch.allclose(sums[:, :3], ref[:, :3], rtol=rtol, atol=0), (sums, ref)
+    abs_fr = (f.double() * r.double()).abs().sum().item()
+    assert abs(sums[0, 3].item() - ref[0, 3].item()) <= rtol * abs_fr
+    assert sums[1].eq(0).all()
+    stats = stats_from_sums(["w", "z"], sums, backend)
+    assert stats.importance[0].item() == pytest.approx((ref[0, 1] / ref[0, 0]).sqrt().item(), rel=2 * rtol)

@@ -208,3 +208,19 @@ def test_a_nan_utility_ranks_last(digits_model, digits_trained, caplog):
     with caplog.at_level("WARNING", logger="slug_fast"):
         res = slug_fast.unlearn(digits_model, forget, retain, crit, utility=utility, apply=False, progress=False)
     assert res.layers != loser and "utility is NaN" in caplog.text
+
+
+def test_ties_go_to_the_first_candidate_not_to_rounding():
+    """Searches that stop at the same point tie in exact arithmetic (each starts at the same
+    relative change); float noise in the last bit must not pick the winner."""
+    from slug_fast.search import SearchResult
+    from slug_fast.unlearn import Candidate, _choose
+
+    def candidate(name, rel, utility=None):
+        return Candidate([name], "t", SearchResult(1.0, 1.0, []), rel, utility)
+
+    assert _choose([candidate("a", 0.025), candidate("b", 0.024999999999999998)]).layers == ["a"]
+    assert _choose([candidate("a", 0.025), candidate("b", 0.0125)]).layers == ["b"]
+    assert _choose([candidate("a", 0.05, 90.0), candidate("b", 0.025, 90.0 * (1 + 1e-12))]).layers == ["b"]
+    assert _choose([candidate("a", 0.025, 90.0), candidate("b", 0.025, 91.0)]).layers == ["b"]
+    assert _choose([candidate("a", 0.025, float("nan")), candidate("b", 0.05, 1.0)]).layers == ["b"]

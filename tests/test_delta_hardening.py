@@ -1,0 +1,442 @@
+"""Deltas, reports and saved models are written all or nothing, and read back checked."""
+import copy
+import json
+import os
+import random
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import slug_fast
+from slug_fast import delta as delta_mod
+from slug_fast import files, loading, report
+from slug_fast.delta import CONFIG_FILE, TENSORS_FILE, load_delta, save_delta, tensor_spec
+from slug_fast.errors import DeltaError, SlugError
+
+EDITED = ("0.weight", "1.bias")
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+
+
+def make_delta(model, scale=0.1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    named = dict(model.named_parameters())
+    delta = {n: scale * torch.randn(named[n].shape, generator=g) for n in EDITED}
+    return delta, {n: tensor_spec(named[n]) for n in EDITED}
+
+
+def snapshot(folder):
+    """Every non-hidden file under `folder` (relative path -> bytes)."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+def hidden(folder):
+    return [p.name for p in Path(folder).iterdir() if p.name.startswith(".")]
+
+
+def fail_nth_move_into(monkeypatch, folder, n):
+    """Make the n-th rename/replace whose destination lies directly in `folder` fail (ENOSPC);
+    the OS's atomic exchange is turned off so every move goes through os.rename/os.replace."""
+    monkeypatch.setattr(files, "_RENAMEAT2", None, raising=False)
+    folder, count = Path(folder).resolve(), [0]
+
+    def wrap(real):
+        def move(src, dst, *args, **kw):
+            if Path(dst).resolve().parent == folder:
+                count[0] += 1
+                if count[0] == n:
+                    raise OSError(28, "No space left on device", str(dst))
+            return real(src, dst, *args, **kw)
+        return move
+
+    monkeypatch.setattr(os, "rename", wrap(os.rename))
+    monkeypatch.setattr(os, "replace", wrap(os.replace))
+    return count
+
+
+@pytest.fixture(params=["atomic-exchange", "two-renames"])
+def exchange_mode(request, monkeypatch):
+    if request.param == "two-renames":
+        monkeypatch.setattr(files, "_RENAMEAT2", None)
+    elif files._RENAMEAT2 is None:
+        pytest.skip("renameat2 not available here")
+    return request.param
+
+
+# 1. a delta is a pair, written and read as one
+
+def test_interrupted_delta_save_keeps_the_old_pair(tmp_path, monkeypatch):
+    model = tiny_model()
+    old, specs = make_delta(model, seed=1)
+    new, _ = make_delta(model, seed=2)
+    save_delta(tmp_path / "d", old, specs, {"step": 1.0})
+
+    def no_space(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(delta_mod, "write_json_atomic", no_space)
+    with pytest.raises(Exception) as err:
+        save_delta(tmp_path / "d", new, specs, {"step": 2.0})
+    tensors, config = load_delta(tmp_path / "d")
+    assert config["step"] == 1.0 and all(torch.equal(tensors[n], old[n]) for n in EDITED)
+    assert isinstance(err.value, DeltaError) and str(tmp_path / "d") in str(err.value)
+    assert "No space left on device" in str(err.value)
+    assert hidden(tmp_path) == [] and sorted(os.listdir(tmp_path / "d")) == [TENSORS_FILE, CONFIG_FILE]
+
+
+def test_a_mixed_pair_is_refused_and_an_old_format_delta_still_loads(tmp_path):
+    model = tiny_model()
+    a, specs = make_delta(model, seed=1)
+    b, _ = make_delta(model, seed=2)
+    save_delta(tmp_path / "a", a, specs, {"step": 1.0})
+    save_delta(tmp_path / "b", b, specs, {"step": 2.0})
+    (tmp_path / "a" / TENSORS_FILE).write_bytes((tmp_path / "b" / TENSORS_FILE).read_bytes())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(DeltaError, match="SHA-256 differs"):
+        slug_fast.apply_delta(model, tmp_path / "a")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # written before the hash was recorded: still read
+    cfg = json.loads((tmp_path / "b" / CONFIG_FILE).read_text())
+    assert len(cfg.pop("tensors_file_sha256")) == 64
+    (tmp_path / "b" / CONFIG_FILE).write_text(json.dumps(cfg))
+    assert slug_fast.apply_delta(model, tmp_path / "b") == list(EDITED)
+
+
+def test_delta_saved_into_a_folder_with_other_files_swaps_only_the_pair(tmp_path, monkeypatch, exchange_mode):
+    model = tiny_model()
+    old, specs = make_delta(model, seed=1)
+    new, _ = make_delta(model, seed=2)
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    save_delta(d, old, specs, {"step": 1.0})
+    kept = snapshot(d)
+    calls = [0]
+    real = files.exchange
+
+    def second_fails(a, b):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(5, "Input/output error")
+        real(a, b)
+
+    monkeypatch.setattr(files, "exchange", second_fails)
+    with pytest.raises(DeltaError, match="Input/output error"):
+        save_delta(d, new, specs, {"step": 2.0})
+    assert snapshot(d) == kept and hidden(d) == [] and hidden(tmp_path) == []
+    monkeypatch.setattr(files, "exchange", real)
+    save_delta(d, new, specs, {"step": 2.0})
+    assert (d / "notes.txt").read_text() == "mine" and load_delta(d)[1]["step"] == 2.0
+    assert sorted(os.listdir(d)) == sorted([TENSORS_FILE, CONFIG_FILE, "notes.txt"])
+
+
+def test_a_failed_move_in_the_pair_swap_restores_the_old_pair(tmp_path, monkeypatch):
+    model = tiny_model()
+    old, specs = make_delta(model, seed=1)
+    new, _ = make_delta(model, seed=2)
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    save_delta(d, old, specs, {"step": 1.0})
+    kept = snapshot(d)
+    fail_nth_move_into(monkeypatch, d, 2)
+    with pytest.raises(SlugError):
+        save_delta(d, new, specs, {"step": 2.0})
+    assert snapshot(d) == kept and load_delta(d)[1]["step"] == 1.0
+
+
+def test_exchange_swaps_files_folders_and_absences(tmp_path, exchange_mode):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    (a / "x").write_text("in a")
+    b.write_text("b")
+    files.exchange(a, b)
+    assert a.read_text() == "b" and (b / "x").read_text() == "in a"
+    a.unlink()
+    files.exchange(a, b)
+    assert not b.exists() and (a / "x").read_text() == "in a"
+    files.exchange(tmp_path / "none", tmp_path / "nothing")
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
+def test_new_delta_folder_gets_the_usual_permissions(tmp_path):
+    model = tiny_model()
+    d, specs = make_delta(model)
+    mask = os.umask(0o022)
+    try:
+        path = save_delta(tmp_path / "new" / "d", d, specs)
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o755 and (path / CONFIG_FILE).stat().st_mode & 0o777 == 0o644
+
+
+# 2. report outputs are swapped in as a set
+
+def fake_result(model, seed, towers=("text", "vision")):
+    delta, specs = make_delta(model, seed=seed)
+    return SimpleNamespace(save=lambda path: save_delta(path, delta, specs, {"step": float(seed)}),
+                           fronts={t: [] for t in towers}, stats=SimpleNamespace(names=[]),
+                           tower_members={}, layers=list(EDITED))
+
+
+def fake_plot(fail_at=None):
+    calls = [0]
+
+    def plot(stats, members, front, chosen, path, title):
+        calls[0] += 1
+        if calls[0] == fail_at:
+            raise OSError(28, "No space left on device")
+        files.write_atomic(path, lambda tmp: Path(tmp).write_bytes(b"\x89PNG" + title.encode()))
+        return Path(path)
+    return plot
+
+
+def test_write_outputs_failing_midway_leaves_the_old_set(tmp_path, monkeypatch):
+    out, model = tmp_path / "out", tiny_model()
+    out.mkdir()
+    (out / "similarity.png").write_bytes(b"caller's")
+    (out / "mine.txt").write_text("user file")
+    monkeypatch.setattr(report, "plot_pareto", fake_plot())
+    first = report.write_outputs(out, {"concept": "one", "layer": [], "step": 1.0, "seconds": {}},
+                                 fake_result(model, 1), {"similarity": str(out / "similarity.png")})
+    kept = snapshot(out)
+    assert set(kept) >= {"report.json", "report.md", "pareto_text.png", "pareto_vision.png", "mine.txt",
+                         f"delta/{TENSORS_FILE}", f"delta/{CONFIG_FILE}"}
+    assert json.loads((out / "report.json").read_text())["files"] == first
+    monkeypatch.setattr(report, "plot_pareto", fake_plot(fail_at=2))
+    with pytest.raises(OSError):
+        report.write_outputs(out, {"concept": "two", "layer": [], "step": 2.0, "seconds": {}}, fake_result(model, 2))
+    assert snapshot(out) == kept and hidden(out) == []
+    assert load_delta(out / "delta")[1]["step"] == 1.0
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 5])
+def test_write_outputs_failing_in_the_swap_restores_the_old_set(tmp_path, monkeypatch, n):
+    out, model = tmp_path / "out", tiny_model()
+    out.mkdir()
+    (out / "mine.txt").write_text("user file")
+    monkeypatch.setattr(report, "plot_pareto", fake_plot())
+    report.write_outputs(out, {"concept": "one", "layer": [], "step": 1.0, "seconds": {}}, fake_result(model, 1))
+    kept = snapshot(out)
+    fail_nth_move_into(monkeypatch, out, n)
+    with pytest.raises(OSError):
+        report.write_outputs(out, {"concept": "two", "layer": [], "step": 2.0, "seconds": {}}, fake_result(model, 2))
+    assert snapshot(out) == kept and hidden(out) == []
+
+
+def test_write_outputs_replaces_its_own_stale_outputs_only(tmp_path, monkeypatch, exchange_mode):
+    out, model = tmp_path / "out", tiny_model()
+    monkeypatch.setattr(report, "plot_pareto", fake_plot())
+    report.write_outputs(out, {"concept": "one", "layer": [], "step": 1.0, "seconds": {}}, fake_result(model, 1))
+    (out / "pareto_mine.png").write_bytes(b"user plot")  # not listed by the report: not ours
+    (out / "delta" / "readme.txt").write_text("user note inside delta/")
+    files_ = report.write_outputs(out, {"concept": "two", "layer": [], "step": 2.0, "seconds": {}},
+                                  fake_result(model, 2, towers=("vision",)))
+    assert sorted(os.listdir(out)) == ["delta", "pareto_mine.png", "pareto_vision.png", "report.json", "report.md"]
+    assert (out / "delta" / "readme.txt").read_text() == "user note inside delta/"
+    assert load_delta(out / "delta")[1]["step"] == 2.0 and "two" in (out / "report.md").read_text()
+    assert json.loads((out / "report.json").read_text())["files"] == files_
+
+
+# 3. saving an edited model is all or nothing
+
+def fake_adapter(src, seed):
+    return SimpleNamespace(name="open_clip", model=tiny_model(seed),
+                           source={"library": "open_clip", "name": f"local-dir:{src}"})
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_save_model_failing_midway_keeps_the_old_folder(tmp_path, monkeypatch, n):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 1}}))
+    out = tmp_path / "out"
+    loading.save_model(fake_adapter(src, 0), out)
+    (src / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 2}}))  # the new config
+    (out / "mine.txt").write_text("user file")
+    kept = snapshot(out)
+    fail_nth_move_into(monkeypatch, out, n)
+    with pytest.raises(OSError):
+        loading.save_model(fake_adapter(src, 1), out)
+    assert snapshot(out) == kept and hidden(out) == [] and hidden(tmp_path) == []
+    state = load_file(out / "open_clip_model.safetensors")
+    assert all(torch.equal(v, state[k]) for k, v in tiny_model(0).state_dict().items())
+    assert json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"] == 1
+    monkeypatch.undo()
+    loading.save_model(fake_adapter(src, 1), out)
+    assert json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"] == 2
+    assert (out / "mine.txt").read_text() == "user file"
+
+
+def test_save_model_refuses_a_path_under_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SlugError, match="is a file, not a directory"):
+        loading.save_model(fake_adapter(tmp_path, 0), tmp_path / "f" / "sub")
+
+
+# 4. save_delta checks everything before creating anything
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d, s, m: (d, {}, m), "specs have no entry for delta tensor '0.weight'"),
+    (lambda d, s, m: ({}, s, m), "non-empty mapping"),
+    (lambda d, s, m: ({**d, "1.bias": torch.tensor([1.0, float("nan")])}, s, m), "'1.bias' holds NaN or Inf"),
+    (lambda d, s, m: ({**d, "1.bias": torch.ones(2, dtype=torch.int64)}, s, m), "floating-point tensor"),
+    (lambda d, s, m: ({**d, "1.bias": torch.ones(3)}, s, m), r"has shape \[3\]; its spec says \[2\]"),
+    (lambda d, s, m: (d, {**s, "1.bias": "spec"}, m), "spec of '1.bias' is a str"),
+    (lambda d, s, m: (d, {**s, "1.bias": {**s["1.bias"], "dtype": "float33"}}, m), "torch dtype name"),
+    (lambda d, s, m: (d, s, {"format": "mine"}), r"meta may not set \['format'\]"),
+    (lambda d, s, m: (d, s, {"step": object()}), "JSON-serialisable"),
+])
+def test_save_delta_refuses_bad_input_before_creating_anything(tmp_path, change, match):
+    d, s = make_delta(tiny_model())
+    with pytest.raises(DeltaError, match=match):
+        save_delta(tmp_path / "a" / "b", *change(d, s, {"step": 1.0}))
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_delta_under_a_file_is_a_delta_error(tmp_path):
+    (tmp_path / "FILE").write_text("x")
+    d, s = make_delta(tiny_model())
+    with pytest.raises(DeltaError, match=r"FILE is a file, not a directory"):
+        save_delta(tmp_path / "FILE" / "sub" / "d", d, s)
+    with pytest.raises(DeltaError, match="exists and is not a directory"):
+        save_delta(tmp_path / "FILE", d, s)
+    assert os.listdir(tmp_path) == ["FILE"]
+
+
+# 5. every config entry is type-checked on load
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c["tensors"].update({"0.weight": "x"}), r"tensors\['0.weight'\] is a str"),
+    (lambda c: c["tensors"]["0.weight"].update(shape=["4", 3]), "list of non-negative integers"),
+    (lambda c: c["tensors"]["0.weight"].update(shape=[4, True]), "list of non-negative integers"),
+    (lambda c: c["tensors"]["0.weight"].update(dtype=["float32"]), "torch dtype name"),
+    (lambda c: c["tensors"]["0.weight"].pop("base_sha256"), "base_sha256 'None'"),
+    (lambda c: c["tensors"]["1.bias"].update(base_sha256=7), "64 lowercase hex"),
+    (lambda c: c.update(version=True), "has version True"),
+    (lambda c: c.update(tensors=[]), "'tensors' table"),
+    (lambda c: c.update(tensors={}), "lists no tensors"),
+    (lambda c: c.update(tensors_file_sha256=None), "tensors_file_sha256 'None'"),
+    (lambda c: c["tensors"].pop("1.bias"), "do not match the config"),
+])
+def test_load_delta_checks_every_config_entry(tmp_path, edit, match):
+    model = tiny_model()
+    path = save_delta(tmp_path / "d", *make_delta(model))
+    cfg = json.loads((path / CONFIG_FILE).read_text())
+    edit(cfg)
+    (path / CONFIG_FILE).write_text(json.dumps(cfg))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(DeltaError, match=match):
+        slug_fast.apply_delta(model, path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# 6. fuzz: a mutated delta applies exactly or is refused with the model untouched
+
+OTHER_VALUES = [None, True, False, 0, -1, 1.5, 10 ** 30, "", "x", "float32", [], {}, [1, 2], {"a": 1}, "0" * 64]
+
+
+def _paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, prefix + (i,))
+
+
+def _mutate_config(rng, cfg: dict) -> bytes:
+    kind = rng.randrange(6)
+    text = json.dumps(cfg).encode()
+    if kind == 0:  # truncation
+        return text[:rng.randrange(len(text))]
+    if kind == 1:  # garbage bytes
+        b = bytearray(text)
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        return bytes(b)
+    cfg = copy.deepcopy(cfg)
+    path = rng.choice([p for p in _paths(cfg) if p])
+    parent = cfg
+    for key in path[:-1]:
+        parent = parent[key]
+    key, value = path[-1], parent[path[-1]]
+    if kind == 2:  # drop a key or list item
+        del parent[key]
+    elif kind == 3:  # swap the type
+        parent[key] = rng.choice([v for v in OTHER_VALUES if type(v) is not type(value)])
+    elif kind == 4:  # change the value, keeping the type
+        if isinstance(value, bool):
+            parent[key] = not value
+        elif isinstance(value, (int, float)):
+            parent[key] = value + rng.choice([-1, 1, 0.5, -value - 1])
+        elif isinstance(value, str):
+            parent[key] = value[:-1] + rng.choice("0af.x") if value else "x"
+        else:
+            parent[key] = type(value)()
+    else:  # rename a key
+        if isinstance(parent, dict):
+            parent[str(key) + rng.choice(["x", ".", " "])] = parent.pop(key)
+        else:
+            parent.append(copy.deepcopy(value))
+    return json.dumps(cfg).encode()
+
+
+def _mutate_tensors(rng, data: bytes) -> bytes:
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    kind = rng.randrange(4)
+    b = bytearray(data)
+    if kind == 0:  # bytes of the header (its length prefix included)
+        for _ in range(rng.randint(1, 3)):
+            b[rng.randrange(header_end)] = rng.randrange(256)
+    elif kind == 1:  # one character of the header JSON replaced by a plausible one
+        b[rng.randrange(8, header_end)] = ord(rng.choice('0123456789[]{}",:FIUB '))
+    elif kind == 2:
+        return bytes(b[:rng.randrange(len(b))])
+    else:
+        return bytes(b) + bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+    return bytes(b)
+
+
+def test_fuzzed_deltas_apply_exactly_or_are_refused(tmp_path):
+    rng = random.Random(20240716)
+    base = tiny_model()
+    state = copy.deepcopy(base.state_dict())
+    good = save_delta(tmp_path / "good", *make_delta(base), {"method": "slug", "layers": list(EDITED), "step": 1.5})
+    data, cfg = (good / TENSORS_FILE).read_bytes(), json.loads((good / CONFIG_FILE).read_text())
+    expected = tiny_model()
+    slug_fast.apply_delta(expected, good)
+    expected = {k: v.numpy().tobytes() for k, v in expected.state_dict().items()}
+    unedited = {k: v.numpy().tobytes() for k, v in state.items()}
+    model, case = tiny_model(), tmp_path / "case"
+    case.mkdir()
+    outcomes = {"applied": 0, "refused": 0}
+    for i in range(600):
+        c = copy.deepcopy(cfg)
+        if i % 3 == 2:
+            c.pop("tensors_file_sha256")  # an old-format delta: the parser alone guards the tensor file
+        mutate = rng.randrange(3)  # config, tensor file, both
+        (case / CONFIG_FILE).write_bytes(_mutate_config(rng, c) if mutate != 1 else json.dumps(c).encode())
+        (case / TENSORS_FILE).write_bytes(_mutate_tensors(rng, data) if mutate != 0 else data)
+        model.load_state_dict(state)
+        try:
+            slug_fast.apply_delta(model, case)
+            now, outcome = expected, "applied"
+        except SlugError:
+            now, outcome = unedited, "refused"
+        except Exception as err:  # noqa: BLE001 -- the point of the test
+            pytest.fail(f"case {i}: {type(err).__name__}: {err}")
+        got = {k: v.numpy().tobytes() for k, v in model.state_dict().items()}
+        assert got == now, f"case {i} {outcome} but the model is not what it should be"
+        outcomes[outcome] += 1
+    assert outcomes["applied"] > 20 and outcomes["refused"] > 300, outcomes
