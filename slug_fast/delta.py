@@ -23,7 +23,7 @@ from safetensors.torch import save as safetensors_save
 from .adapters.base import named_parameters_of
 from .edit import LayerEdit
 from .errors import DeltaError, unknown_name
-from .files import exchange, staging_dir, swap_in, write_atomic, write_json_atomic
+from .files import check_dir_target, exchange, staging_dir, swap_in, write_atomic, write_json_atomic
 
 FORMAT = "slug_fast.delta"
 VERSION = 1
@@ -75,17 +75,6 @@ def _tensor_problem(t) -> str | None:
     return None
 
 
-def _check_target(path: Path) -> None:
-    """Refuse a `path` that is a file or lies under one, before anything is created."""
-    if path.exists() and not path.is_dir():
-        raise DeltaError(f"{path} exists and is not a directory; a delta is saved as a directory")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DeltaError(f"cannot save a delta to {path}: {parent} is a file, not a directory")
-            return
-
-
 def save_delta(path: str | os.PathLike, delta: Mapping[str, torch.Tensor],
                specs: Mapping[str, dict], meta: Mapping | None = None) -> Path:
     """Write `delta` (name -> change) to directory `path`, the pair all or nothing.
@@ -121,7 +110,7 @@ def save_delta(path: str | os.PathLike, delta: Mapping[str, torch.Tensor],
         json.dumps(config)
     except (TypeError, ValueError) as err:
         raise DeltaError(f"meta must be JSON-serialisable ({err})") from None
-    _check_target(path)
+    check_dir_target(path, "delta directory", DeltaError)
     staging = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,30 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def check_dir_target(path: str | os.PathLike, what: str, error: type[Exception] | None = None,
+                     writable: bool = False) -> Path:
+    """`path` as a Path, refused before anything is created when it is a file or lies under
+    one (and, with `writable`, when it could not be written); `what` names it in the error."""
+    from .errors import SlugError
+
+    error = error or SlugError
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise error(f"{what} {path} exists and is not a directory; pass a directory (it is created if missing)")
+        if writable and not os.access(path, os.W_OK | os.X_OK):
+            raise error(f"{what} {path} is not writable; pass a directory you can write to")
+        return path
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise error(f"{what} {path} cannot be created: {parent} is a file, not a directory")
+            if writable and not os.access(parent, os.W_OK | os.X_OK):
+                raise error(f"{what} {path} cannot be created: {parent} is not writable")
+            break
+    return path
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call write(tmp_path), then rename tmp_path to `path`; on failure `path` is untouched."""
     path = Path(path)

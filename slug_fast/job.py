@@ -7,6 +7,7 @@ from pathlib import Path
 from .data import concept_pattern, label_by_class, read_source, shard, split_by_concept
 from .delta import apply_delta, load_delta
 from .errors import SlugError
+from .files import check_dir_target
 from .loading import load_model, save_model
 
 SIMILARITY_SAMPLE = 12  # pairs of each set shown in the before/after similarity plot
@@ -41,24 +42,8 @@ def _class_list(class_names: str | None, concept: str) -> list[str]:
 
 def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
     """`out` as a Path, refused before any work unless it is a writable directory or can be
-    created as one (its nearest existing ancestor a writable directory)."""
-    import os
-
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise SlugError(f"{flag} {out} exists and is not a directory; pass a directory (it is created if missing)")
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise SlugError(f"{flag} {out} is not writable; pass a directory you can write to")
-        return out
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise SlugError(f"{flag} {out} cannot be created: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SlugError(f"{flag} {out} cannot be created: {parent} is not writable")
-    return out
+    created as one."""
+    return check_dir_target(out, flag, writable=True)
 
 
 def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | None = None,

@@ -82,16 +82,9 @@ def save_model(adapter: ClipFamilyAdapter, out: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save_file
 
-    from .files import exchange, staging_dir, swap_in
+    from .files import check_dir_target, exchange, staging_dir, swap_in
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SlugError(f"{out} exists and is not a directory")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise SlugError(f"cannot save the model to {out}: {parent} is a file, not a directory")
-            break
+    out = check_dir_target(out, "model directory")
     source = getattr(adapter, "source", {"library": adapter.name})
     if source["library"] not in ("open_clip", "transformers"):
         raise SlugError(f"saving {adapter.name} models is not supported by the command line")

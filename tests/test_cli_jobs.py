@@ -128,7 +128,7 @@ def test_unlearn_refuses_data_with_forget_data_and_bad_out_or_class_files_in_one
         (["--data", saved["train"], "--forget-data", saved["train"], "--class-names", CLASSES,
           "--out", tmp_path / "a"], "or both --forget-data and --retain-data, not both"),
         (["--data", saved["train"], "--class-names", CLASSES, "--out", blocker / "sub"],
-         f"--out {blocker / 'sub'} cannot be created: {blocker} is not a directory"),
+         f"--out {blocker / 'sub'} cannot be created: {blocker} is a file, not a directory"),
         (["--data", saved["train"], "--class-names", f"@{latin1}", "--out", tmp_path / "b"],
          f"--class-names file {latin1} is not UTF-8 text"),
     ]

@@ -111,7 +111,8 @@ def test_a_mixed_pair_is_refused_and_an_old_format_delta_still_loads(tmp_path):
     assert slug_fast.apply_delta(model, tmp_path / "b") == list(EDITED)
 
 
-def test_delta_saved_into_a_folder_with_other_files_swaps_only_the_pair(tmp_path, monkeypatch, exchange_mode):
+def saved_beside_a_user_file(tmp_path):
+    """(folder holding a user's notes.txt and a saved delta, another delta, specs, the folder's snapshot)."""
     model = tiny_model()
     old, specs = make_delta(model, seed=1)
     new, _ = make_delta(model, seed=2)
@@ -119,7 +120,11 @@ def test_delta_saved_into_a_folder_with_other_files_swaps_only_the_pair(tmp_path
     d.mkdir()
     (d / "notes.txt").write_text("mine")
     save_delta(d, old, specs, {"step": 1.0})
-    kept = snapshot(d)
+    return d, new, specs, snapshot(d)
+
+
+def test_delta_saved_into_a_folder_with_other_files_swaps_only_the_pair(tmp_path, monkeypatch, exchange_mode):
+    d, new, specs, kept = saved_beside_a_user_file(tmp_path)
     calls = [0]
     real = files.exchange
 
@@ -140,14 +145,7 @@ def test_delta_saved_into_a_folder_with_other_files_swaps_only_the_pair(tmp_path
 
 
 def test_a_failed_move_in_the_pair_swap_restores_the_old_pair(tmp_path, monkeypatch):
-    model = tiny_model()
-    old, specs = make_delta(model, seed=1)
-    new, _ = make_delta(model, seed=2)
-    d = tmp_path / "d"
-    d.mkdir()
-    (d / "notes.txt").write_text("mine")
-    save_delta(d, old, specs, {"step": 1.0})
-    kept = snapshot(d)
+    d, new, specs, kept = saved_beside_a_user_file(tmp_path)
     fail_nth_move_into(monkeypatch, d, 2)
     with pytest.raises(SlugError):
         save_delta(d, new, specs, {"step": 2.0})
