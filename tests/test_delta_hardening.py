@@ -15,7 +15,7 @@ import slug_fast
 from slug_fast import delta as delta_mod
 from slug_fast import files, loading, report
 from slug_fast.delta import CONFIG_FILE, TENSORS_FILE, load_delta, save_delta, tensor_spec
-from slug_fast.errors import DeltaError, SlugError
+from slug_fast.errors import DeltaError, NonFiniteError, SlugError
 
 EDITED = ("0.weight", "1.bias")
 
@@ -438,3 +438,13 @@ def test_fuzzed_deltas_apply_exactly_or_are_refused(tmp_path):
         assert got == now, f"case {i} {outcome} but the model is not what it should be"
         outcomes[outcome] += 1
     assert outcomes["applied"] > 20 and outcomes["refused"] > 300, outcomes
+
+
+def test_a_delta_that_overflows_the_dtype_is_refused_and_the_model_kept(tmp_path):
+    model = tiny_model().half()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    delta, specs = make_delta(model, scale=1e5)  # float16 tops out at 65504
+    save_delta(tmp_path / "d", delta, specs, {"step": 1.0})
+    with pytest.raises(NonFiniteError, match="out of the range of torch.float16"):
+        slug_fast.apply_delta(model, tmp_path / "d")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
