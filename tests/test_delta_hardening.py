@@ -448,3 +448,16 @@ def test_a_delta_that_overflows_the_dtype_is_refused_and_the_model_kept(tmp_path
     with pytest.raises(NonFiniteError, match="out of the range of torch.float16"):
         slug_fast.apply_delta(model, tmp_path / "d")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_output_directories_that_cannot_be_written_are_refused_first(tmp_path, monkeypatch):
+    """Read-only targets (simulated: the tests may run as root, who can write anywhere)."""
+    from slug_fast.files import check_dir_target
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "ro")
+    with pytest.raises(SlugError, match="--out .*ro is not writable"):
+        check_dir_target(tmp_path / "ro", "--out", writable=True)
+    with pytest.raises(SlugError, match="cannot be created: .*ro is not writable"):
+        check_dir_target(tmp_path / "ro" / "new", "--out", writable=True)
+    assert check_dir_target(tmp_path / "fine" / "new", "--out", writable=True) == tmp_path / "fine" / "new"
