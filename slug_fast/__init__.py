@@ -5,21 +5,27 @@
     result.save("delta/")                      # safetensors + JSON, only the changed tensors
     slug_fast.apply_delta(other_copy, "delta/")
 """
-import torch  # noqa: F401  (loads libtorch before the C++ extension)
+try:
+    import torch  # noqa: F401  (loads libtorch before the C++ extension)
 
-from . import adapters, data, distributed, eval  # noqa: A004 (the evaluation package, not the builtin)
-from ._backends import availability as backends
-from .delta import apply_delta, load_delta, save_delta
-from .edit import LayerEdit
-from .errors import CriterionNotReached, DeltaError, NonFiniteError, SlugError
-from .gradients import Gradients, compute_gradients
-from .losses import clip_forget_loss, clip_retain_loss
-from .memory import MemoryReport
-from .pareto import is_eligible, pareto_front
-from .search import Evaluation, SearchResult, search_step, start_step
-from .stats import LayerStats, layer_stats
-from .stores import ChunkedStore, FullStore, GradientStore, OffloadStore
-from .unlearn import Candidate, UnlearnResult, unlearn
+    from . import adapters, data, distributed, eval  # noqa: A004 (the evaluation package, not the builtin)
+    from ._backends import availability as backends
+    from .delta import apply_delta, load_delta, save_delta
+    from .edit import LayerEdit
+    from .errors import CriterionNotReached, DeltaError, NonFiniteError, SlugError
+    from .gradients import Gradients, compute_gradients
+    from .losses import clip_forget_loss, clip_retain_loss
+    from .memory import MemoryReport
+    from .pareto import is_eligible, pareto_front
+    from .search import Evaluation, SearchResult, search_step, start_step
+    from .stats import LayerStats, layer_stats
+    from .stores import ChunkedStore, FullStore, GradientStore, OffloadStore
+    from .unlearn import Candidate, UnlearnResult, unlearn
+except KeyboardInterrupt:  # Ctrl-C while the command line is still starting: one line, not a traceback
+    from .cli import exit_if_interrupted_while_starting
+
+    exit_if_interrupted_while_starting()
+    raise
 
 __version__ = "0.1.0"
 

@@ -147,7 +147,31 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split("\n"))
 
 
+INTERRUPTED = "slug-fast: interrupted (outputs are written whole or not at all)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # outputs are swapped in whole or not at all, so none is half-written
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def exit_if_interrupted_while_starting() -> None:
+    """Called when Ctrl-C lands while `import slug_fast` runs: if that import is the command
+    line starting (`slug-fast ...` or `python -m slug_fast ...`), say so in one line and exit 130."""
+    argv = list(getattr(sys, "orig_argv", []))[1:]
+    while argv and argv[0].startswith("-") and argv[0] != "-m":
+        argv = argv[2:] if argv[0] in ("-X", "-W") else argv[1:]  # interpreter options
+    command_line = (argv[:2] == ["-m", "slug_fast"] or argv[:2] == ["-m", "slug_fast.cli"]
+                    or bool(argv) and os.path.basename(argv[0]) == "slug-fast")
+    if command_line:
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .distributed import launched
@@ -194,9 +218,6 @@ def main(argv: list[str] | None = None) -> int:
         if ranks is None or ranks.rank == 0:  # every rank raised; rank 0 says why, once
             print(f"slug-fast: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("slug-fast: interrupted; nothing was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
     finally:
         if ranks is not None:
             import torch.distributed as dist

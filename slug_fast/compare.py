@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .errors import SlugError
-from .files import write_atomic, write_json_atomic
+from .files import replace_dir, write_atomic, write_json_atomic
 
 METHODS = ("slug", "slug-authors", "ft", "ga", "gaft", "salun", "ssd")
 
@@ -86,10 +86,13 @@ def run_compare(concept: str, out: str | Path | None = None, *, methods=METHODS,
             print(f"compare: running {method} ...", file=sys.stderr, flush=True)
         rows.append(_in_subprocess(method, concept, epochs, seed))
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "compare.json", [{k: v for k, v in r.items() if k != "tried"} for r in rows])
-        write_atomic(out / "compare.md", lambda tmp: Path(tmp).write_text(markdown(rows, concept)))
-        plot(rows, out / "compare.png", concept)
+        def write(staging: Path) -> list[str]:
+            write_json_atomic(staging / "compare.json", [{k: v for k, v in r.items() if k != "tried"} for r in rows])
+            write_atomic(staging / "compare.md", lambda tmp: Path(tmp).write_text(markdown(rows, concept)))
+            plot(rows, staging / "compare.png", concept)
+            return ["compare.png", "compare.md", "compare.json"]
+
+        replace_dir(out, write)  # the three together: a reader sees the old set or the new one
     return rows
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from safetensors.torch import save as safetensors_save
 from .adapters.base import named_parameters_of
 from .edit import LayerEdit
 from .errors import DeltaError, unknown_name
-from .files import check_dir_target, exchange, staging_dir, swap_in, write_atomic, write_json_atomic
+from .files import check_dir_target, replace_dir, write_atomic, write_json_atomic
 
 FORMAT = "slug_fast.delta"
 VERSION = 1
@@ -111,25 +110,18 @@ def save_delta(path: str | os.PathLike, delta: Mapping[str, torch.Tensor],
     except (TypeError, ValueError) as err:
         raise DeltaError(f"meta must be JSON-serialisable ({err})") from None
     check_dir_target(path, "delta directory", DeltaError)
-    staging = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        own = path.is_symlink() or path.is_dir() and any(  # files of its own stay: swap only the pair
-            p.name not in (TENSORS_FILE, CONFIG_FILE) for p in path.iterdir())
-        staging = staging_dir(path, inside=own)
-        data = safetensors_save(tensors, metadata={"format": FORMAT})
-        config["tensors_file_sha256"] = hashlib.sha256(data).hexdigest()
+    data = safetensors_save(tensors, metadata={"format": FORMAT})
+    config["tensors_file_sha256"] = hashlib.sha256(data).hexdigest()
+
+    def write(staging: Path) -> list[str]:
         write_atomic(staging / TENSORS_FILE, lambda tmp: Path(tmp).write_bytes(data))
         write_json_atomic(staging / CONFIG_FILE, config)
-        if own:
-            swap_in(path, staging, [TENSORS_FILE, CONFIG_FILE])
-        else:
-            exchange(staging, path)
+        return [TENSORS_FILE, CONFIG_FILE]
+
+    try:
+        replace_dir(path, write)  # a folder with files of its own keeps them: only the pair is swapped
     except OSError as err:
         raise DeltaError(f"could not write the delta to {path}: {err.strerror or err}") from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)  # after a swap it holds the old pair
     return path
 
 

@@ -169,10 +169,7 @@ def run_demo(concept: str = DEFAULT_CONCEPT, out: str | Path | None = None, *, e
     result = unlearn(task.model, task.forget, task.retain, task.criterion, strategy=strategy, max_evals=max_evals,
                      progress=progress)
     after, mia_after = task.accuracies(), task.mia()
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    similarity_stats = similarity.finish(out / "similarity.png" if out is not None else None,
-                                         f"image-text similarity, forgetting {task.concept}")
+    similarity_stats = similarity.finish()
     report = {
         "concept": task.concept,
         "layer": result.layers,
@@ -182,11 +179,12 @@ def run_demo(concept: str = DEFAULT_CONCEPT, out: str | Path | None = None, *, e
         "retain": {"top1_before": before["retain_top1"], "top1_after": after["retain_top1"]},
         "mia": {"before": mia_before["loss"], "after": mia_after["loss"],
                 "distance_before": mia_before["distance"], "distance_after": mia_after["distance"]},
-        "similarity": {k: v for k, v in similarity_stats.items() if k != "plot"},
+        "similarity": similarity_stats,
         "seconds": {**{k: round(v, 4) for k, v in result.seconds.items()}, "model": round(task.load_seconds, 4)},
         "model": {"name": "digits-mini-clip", "seed": seed, **task.source, "test_images": len(task.data.test_labels)},
         "unlearn": result.to_dict(),
     }
     if out is not None:
-        report["files"] = write_outputs(out, report, result, {"similarity": similarity_stats["plot"]})
+        plot = ("similarity.png", lambda path: similarity.plot(path, f"image-text similarity, forgetting {task.concept}"))
+        report["files"] = write_outputs(out, report, result, {"similarity": plot})
     return report

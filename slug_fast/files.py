@@ -4,6 +4,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -134,3 +136,54 @@ def staging_dir(beside: str | os.PathLike, inside: bool = False) -> Path:
                                  suffix=".staging"))
     os.chmod(path, 0o777 & ~_umask())  # mkdtemp makes 0700; it may become the target itself
     return path
+
+
+def replace_dir(path: str | os.PathLike, write: Callable[[Path], list[str]],
+                owned: Callable[[str], bool] = lambda name: False) -> Path:
+    """Make directory `path` hold what `write` stages, all or nothing.
+
+    write(staged) fills a new staging directory and returns the names it wrote, in the order
+    they should be swapped in (a manifest last; "sub/file" swaps one file inside a folder).
+    Where `path` is absent, or a plain directory whose every entry is written or `owned`
+    (ours from an earlier write), the staged folder replaces it in one step, so a reader sees
+    the old set or the new one (Linux renameat2; elsewhere two renames, between which `path`
+    is briefly absent). Otherwise the names are swapped one by one and other entries stay;
+    `owned` entries not written again go with the old set either way. On failure `path` is
+    left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    whole_possible = _can_stage_beside(path)
+    staging = staging_dir(path, inside=not whole_possible)
+    try:
+        names = write(staging)
+        tops = {name.split("/")[0] for name in names}
+        if not path.exists():
+            exchange(staging, path)
+            return path
+        entries = os.listdir(path)
+        stale = [e for e in entries if e not in tops and owned(e)]
+        if whole_possible and all(e in tops or owned(e) for e in entries) and all("/" not in n for n in names):
+            os.chmod(staging, stat.S_IMODE(os.stat(path).st_mode))
+            exchange(staging, path)
+            # a file another program created in `path` since the listing went with the old set: return it
+            for e in os.listdir(staging):
+                if e not in tops and not owned(e) and not os.path.lexists(path / e):
+                    os.rename(staging / e, path / e)
+        else:
+            swap_in(path, staging, [*stale, *names])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # after a swap: the replaced entries
+    return path
+
+
+def _can_stage_beside(path: Path) -> bool:
+    """Whether a staging folder beside `path` could replace it in one rename: the parent is
+    writable and on the same filesystem, and `path` is absent or a plain directory."""
+    parent = path.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return False
+    if not os.path.lexists(path):
+        return True
+    return (not path.is_symlink() and path.is_dir() and not os.path.ismount(path)
+            and os.stat(path).st_dev == os.stat(parent).st_dev)

@@ -111,8 +111,7 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
     after = judge()
     if not writer:
         return None
-    out.mkdir(parents=True, exist_ok=True)
-    similarity_stats = similarity.finish(out / "similarity.png", f"image-text similarity, forgetting {concept}")
+    similarity_stats = {**similarity.finish(), "plot": str(out / "similarity.png")}
     report = {
         "concept": concept,
         "model": {"name": model, "pretrained": pretrained, "adapter": adapter.name},
@@ -134,7 +133,8 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
         mia_after = clip_membership_inference(adapter, forget_pairs, held_out)
         report["mia"] = {f"{kind}_{when}": res[kind].mean for kind in ("loss", "distance")
                          for when, res in (("before", mia_before), ("after", mia_after))}
-    report["files"] = write_outputs(out, report, result, {"similarity": similarity_stats["plot"]})
+    plot = ("similarity.png", lambda path: similarity.plot(path, f"image-text similarity, forgetting {concept}"))
+    report["files"] = write_outputs(out, report, result, {"similarity": plot})
     return report
 
 

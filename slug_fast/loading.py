@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from .adapters.clip import ClipFamilyAdapter
@@ -77,21 +76,19 @@ def _open_clip_config(source: dict) -> dict:
 def save_model(adapter: ClipFamilyAdapter, out: str | os.PathLike) -> Path:
     """Write the (edited) model to directory `out`, loadable again by load_model.
 
-    The files are written into a staging directory, then swapped in all or nothing (a new
-    `out` is renamed into place); files in `out` that this save does not write are left.
+    The files are written into a staging directory, then swapped in all or nothing (see
+    files.replace_dir); files in `out` that this save does not write are left.
     """
     from safetensors.torch import save_file
 
-    from .files import check_dir_target, exchange, staging_dir, swap_in
+    from .files import check_dir_target, replace_dir
 
     out = check_dir_target(out, "model directory")
     source = getattr(adapter, "source", {"library": adapter.name})
     if source["library"] not in ("open_clip", "transformers"):
         raise SlugError(f"saving {adapter.name} models is not supported by the command line")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    existing = out.is_dir()
-    staging = staging_dir(out, inside=existing)  # inside: same filesystem as what it replaces
-    try:
+
+    def write(staging: Path) -> list[str]:
         if source["library"] == "open_clip":
             state = {k: v.detach().contiguous().cpu() for k, v in adapter.model.state_dict().items()}
             save_file(state, staging / "open_clip_model.safetensors")
@@ -101,12 +98,8 @@ def save_model(adapter: ClipFamilyAdapter, out: str | os.PathLike) -> Path:
             for part in (adapter.tokenizer, adapter.image_processor):
                 if part is not None:
                     part.save_pretrained(staging)
-        if existing:
-            # weights first, configs last: a config names the weights a loader looks for
-            names = sorted((p.name for p in staging.iterdir()), key=lambda n: (n.endswith(".json"), n))
-            swap_in(out, staging, names)
-        else:
-            exchange(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # after a swap: the replaced files
+        # weights first, configs last: a config names the weights a loader looks for
+        return sorted((p.name for p in staging.iterdir()), key=lambda n: (n.endswith(".json"), n))
+
+    replace_dir(out, write)
     return out

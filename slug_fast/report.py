@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from .files import write_atomic
@@ -101,47 +102,51 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(out: str | Path, report: dict, result, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Write delta/, report.md, pareto_<tower>.png and last report.json (listing them and the
-    `extra` files already written) into `out`; returns what went where.
+def write_outputs(out: str | Path, report: dict, result,
+                  extra: dict[str, tuple[str, Callable[[Path], object]]] | None = None) -> dict[str, str]:
+    """Write delta/, report.md, pareto_<tower>.png, the `extra` files and last report.json
+    (listing them all) into `out`; returns what went where.
 
-    The set is written into a staging directory inside `out` and swapped in name by name,
-    report.json last; on failure the previous set is swapped back. Outputs the previous
-    report.json listed that this run does not write are moved out with the old set; no
-    other file in `out` is touched.
+    extra maps a key of report.json's "files" to (file name, write(path)). The set is staged
+    and swapped in by files.replace_dir: where `out` holds only outputs of an earlier run (the
+    ones its report.json lists), in one step, so a reader sees the old set or the new one;
+    beside other files, name by name with report.json last. On failure the old set stays.
+    Outputs of the earlier run that this one does not write go with the old set; no other
+    file in `out` is touched.
     """
-    import shutil
-
     from .delta import CONFIG_FILE, TENSORS_FILE
     from .errors import DeltaError
-    from .files import staging_dir, swap_in, write_json_atomic
+    from .files import replace_dir, write_json_atomic
 
     out = Path(out)
     delta = out / "delta"
     if delta.exists() and not delta.is_dir():
         raise DeltaError(f"{delta} exists and is not a directory; a delta is saved as a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(out, inside=True)
-    try:
+    # a delta/ holding files of its own keeps them: swap only the pair inside it
+    delta_own_files = delta.is_symlink() or delta.is_dir() and any(
+        p.name not in (TENSORS_FILE, CONFIG_FILE) for p in delta.iterdir())
+    previous = {n for n in _previous_outputs(out) if n != "delta" or not delta_own_files}
+    files = {"delta": str(delta)}
+
+    def write(staging: Path) -> list[str]:
         result.save(staging / "delta")
-        files = {"delta": str(delta), **(extra or {})}
-        # a delta/ holding files of its own keeps them: swap only the pair inside it
-        names = [f"delta/{TENSORS_FILE}", f"delta/{CONFIG_FILE}"] if delta.is_symlink() or delta.is_dir() and any(
-            p.name not in (TENSORS_FILE, CONFIG_FILE) for p in delta.iterdir()) else ["delta"]
+        names = [f"delta/{TENSORS_FILE}", f"delta/{CONFIG_FILE}"] if delta_own_files else ["delta"]
         for tower, front in result.fronts.items():
             members = [n for n in result.stats.names if n in result.tower_members.get(tower, ())]
             plot_pareto(result.stats, members, front, result.layers, staging / f"pareto_{tower}.png",
                         f"{report.get('concept', '')}: {tower} tower".strip(": "))
             files[f"pareto_{tower}"] = str(out / f"pareto_{tower}.png")
             names.append(f"pareto_{tower}.png")
+        for key, (name, write_file) in (extra or {}).items():
+            write_file(staging / name)
+            files[key] = str(out / name)
+            names.append(name)
         (staging / "report.md").write_text(markdown(report))
         files["report_md"], files["report_json"] = str(out / "report.md"), str(out / "report.json")
         write_json_atomic(staging / "report.json", {**report, "files": files})
-        names += ["report.md", "report.json"]
-        stale = [n for n in _previous_outputs(out) if n not in names and n != "delta"]
-        swap_in(out, staging, [*stale, *names])
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # after the swap: the previous set
+        return [*names, "report.md", "report.json"]
+
+    replace_dir(out, write, owned=previous.__contains__)
     return files
 
 
@@ -156,7 +161,7 @@ def _previous_outputs(out: Path) -> list[str]:
     if not isinstance(files, dict):
         return []
     ours = [Path(v) for k, v in files.items() if isinstance(k, str) and isinstance(v, str)
-            and (k in ("delta", "report_md", "report_json") or k.startswith("pareto_"))]
+            and (k in ("delta", "report_md", "report_json", "similarity") or k.startswith("pareto_"))]
     return [p.name for p in ours if p.name and p.parent == out
-            and (p.name in ("delta", "report.md", "report.json")
+            and (p.name in ("delta", "report.md", "report.json", "similarity.png")
                  or p.name.startswith("pareto_") and p.name.endswith(".png"))]

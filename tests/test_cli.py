@@ -1,6 +1,7 @@
 """The slug-fast command line: help, the demo job, machine-readable output, bad input."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,5 +117,48 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_out_untouched(tmp_path):
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert stderr.strip() == "slug-fast: interrupted; nothing was written" and stdout == ""
+    assert stderr.strip() == "slug-fast: interrupted (outputs are written whole or not at all)" and stdout == ""
     assert [p.name for p in out_dir.iterdir()] == ["report.json"] and (out_dir / "report.json").read_text() == "keep me"
+
+
+def test_ctrl_c_while_the_imports_run_is_one_line_exit_130(tmp_path):
+    import signal
+
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    # -X importtime reports each module as it finishes: a torch submodule done means `import
+    # slug_fast` (which imports torch first) is under way, and much of torch is still to come
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "slug_fast", "demo", "--out", str(tmp_path / "o")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if re.search(r"\|\s+torch\.", line):
+            break
+    assert lines and re.search(r"\|\s+torch\.", lines[-1]), "no torch import seen"
+    proc.send_signal(signal.SIGINT)
+    stdout, rest = proc.communicate(timeout=120)
+    said = [ln for ln in (lines + rest.splitlines(keepends=True)) if not ln.startswith("import time:")]
+    assert proc.returncode == 130, "".join(said)
+    assert [ln.strip() for ln in said] == ["slug-fast: interrupted (outputs are written whole or not at all)"] and stdout == ""
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("orig_argv, exits", [
+    (["python", "-m", "slug_fast", "demo"], True),
+    (["python", "-X", "importtime", "-I", "-m", "slug_fast.cli", "unlearn"], True),
+    (["/venv/bin/python", "/venv/bin/slug-fast", "demo"], True),
+    (["python", "-m", "pytest", "tests"], False),
+    (["python", "my_script.py", "slug-fast"], False),
+    (["python", "-c", "import slug_fast"], False),
+])
+def test_only_the_command_line_exits_when_interrupted_while_starting(monkeypatch, capsys, orig_argv, exits):
+    from slug_fast import cli
+
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    if exits:
+        with pytest.raises(SystemExit) as stop:
+            cli.exit_if_interrupted_while_starting()
+        assert stop.value.code == 130 and capsys.readouterr().err == "slug-fast: interrupted (outputs are written whole or not at all)\n"
+    else:
+        cli.exit_if_interrupted_while_starting()  # a program importing slug_fast keeps its KeyboardInterrupt
+        assert capsys.readouterr().err == ""

@@ -198,17 +198,21 @@ def fake_plot(fail_at=None):
     return plot
 
 
+def fake_similarity(run):
+    return lambda path: Path(path).write_bytes(b"\x89PNG similarity %d" % run)
+
+
 def test_write_outputs_failing_midway_leaves_the_old_set(tmp_path, monkeypatch):
     out, model = tmp_path / "out", tiny_model()
     out.mkdir()
-    (out / "similarity.png").write_bytes(b"caller's")
     (out / "mine.txt").write_text("user file")
     monkeypatch.setattr(report, "plot_pareto", fake_plot())
     first = report.write_outputs(out, {"concept": "one", "layer": [], "step": 1.0, "seconds": {}},
-                                 fake_result(model, 1), {"similarity": str(out / "similarity.png")})
+                                 fake_result(model, 1), {"similarity": ("similarity.png", fake_similarity(1))})
     kept = snapshot(out)
     assert set(kept) >= {"report.json", "report.md", "pareto_text.png", "pareto_vision.png", "mine.txt",
-                         f"delta/{TENSORS_FILE}", f"delta/{CONFIG_FILE}"}
+                         "similarity.png", f"delta/{TENSORS_FILE}", f"delta/{CONFIG_FILE}"}
+    assert first["similarity"] == str(out / "similarity.png")
     assert json.loads((out / "report.json").read_text())["files"] == first
     monkeypatch.setattr(report, "plot_pareto", fake_plot(fail_at=2))
     with pytest.raises(OSError):
@@ -245,6 +249,104 @@ def test_write_outputs_replaces_its_own_stale_outputs_only(tmp_path, monkeypatch
     assert json.loads((out / "report.json").read_text())["files"] == files_
 
 
+def watch_states(monkeypatch, folder):
+    """Record what `folder` holds (snapshot, or None when absent) after every rename."""
+    states = []
+
+    def look():
+        states.append(snapshot(folder) if Path(folder).is_dir() else None)
+
+    def wrap(real):
+        def move(*args, **kw):
+            result = real(*args, **kw)
+            look()
+            return result
+        return move
+
+    monkeypatch.setattr(os, "rename", wrap(os.rename))
+    monkeypatch.setattr(os, "replace", wrap(os.replace))
+    if files._RENAMEAT2 is not None:
+        monkeypatch.setattr(files, "_RENAMEAT2", wrap(files._RENAMEAT2))
+    return states
+
+
+def test_write_outputs_over_an_earlier_run_swaps_the_whole_set_at_once(tmp_path, monkeypatch, exchange_mode):
+    out, model = tmp_path / "out", tiny_model()
+    monkeypatch.setattr(report, "plot_pareto", fake_plot())
+    report.write_outputs(out, {"concept": "one", "layer": [], "step": 1.0, "seconds": {}}, fake_result(model, 1),
+                         {"similarity": ("similarity.png", fake_similarity(1))})
+    os.chmod(out, 0o750)
+    old = snapshot(out)
+    states = watch_states(monkeypatch, out)
+    files_ = report.write_outputs(out, {"concept": "two", "layer": [], "step": 2.0, "seconds": {}},
+                                  fake_result(model, 2, towers=("vision",)))
+    new = snapshot(out)
+    assert sorted(new) == sorted([f"delta/{CONFIG_FILE}", f"delta/{TENSORS_FILE}", "pareto_vision.png", "report.json",
+                                  "report.md"])  # the earlier run's pareto_text.png and similarity.png went with it
+    assert json.loads(new["report.json"])["files"] == files_ and load_delta(out / "delta")[1]["step"] == 2.0
+    # a reader looking at any moment sees the old set, the new set or (two renames) nothing
+    allowed = [old, new] + ([None] if exchange_mode == "two-renames" else [])
+    assert all(state in allowed for state in states) and new in states
+    assert out.stat().st_mode & 0o777 == 0o750 and hidden(out) == [] and hidden(tmp_path) == []
+
+
+def test_a_file_created_during_a_whole_set_swap_is_kept(tmp_path, monkeypatch):
+    out, model = tmp_path / "out", tiny_model()
+    monkeypatch.setattr(report, "plot_pareto", fake_plot())
+    report.write_outputs(out, {"concept": "one", "layer": [], "step": 1.0, "seconds": {}}, fake_result(model, 1))
+    real = files.exchange
+
+    def another_program_writes_first(a, b):
+        if Path(b) == out:
+            (out / "theirs.txt").write_text("written while we swapped")
+        real(a, b)
+
+    monkeypatch.setattr(files, "exchange", another_program_writes_first)
+    report.write_outputs(out, {"concept": "two", "layer": [], "step": 2.0, "seconds": {}}, fake_result(model, 2))
+    assert (out / "theirs.txt").read_text() == "written while we swapped"
+    assert load_delta(out / "delta")[1]["step"] == 2.0 and hidden(tmp_path) == []
+
+
+def test_write_outputs_under_a_read_only_parent_stages_inside(tmp_path, monkeypatch):
+    out, model = tmp_path / "out", tiny_model()
+    monkeypatch.setattr(report, "plot_pareto", fake_plot())
+    report.write_outputs(out, {"concept": "one", "layer": [], "step": 1.0, "seconds": {}}, fake_result(model, 1))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != tmp_path and real_access(p, mode, **kw))
+    made = []
+    real_mkdtemp = files.tempfile.mkdtemp
+    monkeypatch.setattr(files.tempfile, "mkdtemp", lambda **kw: made.append(kw["dir"]) or real_mkdtemp(**kw))
+    report.write_outputs(out, {"concept": "two", "layer": [], "step": 2.0, "seconds": {}}, fake_result(model, 2))
+    assert made and all(Path(d) != tmp_path for d in made)  # nothing created in the read-only parent
+    assert load_delta(out / "delta")[1]["step"] == 2.0 and hidden(out) == [] and hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("foreign", [False, True])
+def test_replace_dir_swaps_at_once_only_a_folder_of_its_own_files(tmp_path, monkeypatch, exchange_mode, foreign):
+    out = tmp_path / "out"
+
+    def write_run(run):
+        def write(staging):
+            for name in ("a.png", "b.md", "c.json"):
+                (staging / name).write_text(f"{name} of run {run}")
+            return ["a.png", "b.md", "c.json"]
+        return write
+
+    files.replace_dir(out, write_run(1))
+    if foreign:
+        (out / "theirs.txt").write_text("not ours")
+    old = snapshot(out)
+    states = watch_states(monkeypatch, out)
+    files.replace_dir(out, write_run(2))
+    new = snapshot(out)
+    assert new == {**({"theirs.txt": b"not ours"} if foreign else {}),
+                   **{n: f"{n} of run 2".encode() for n in ("a.png", "b.md", "c.json")}}
+    mixed = [s for s in states if s not in (old, new, None)]
+    # beside a file of another program the names are swapped one by one: a reader can see a mix
+    assert bool(mixed) == foreign and (None not in states or exchange_mode == "two-renames")
+    assert hidden(out) == [] and hidden(tmp_path) == []
+
+
 # 3. saving an edited model is all or nothing
 
 def fake_adapter(src, seed):
@@ -252,14 +354,19 @@ def fake_adapter(src, seed):
                            source={"library": "open_clip", "name": f"local-dir:{src}"})
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_save_model_failing_midway_keeps_the_old_folder(tmp_path, monkeypatch, n):
-    src = tmp_path / "src"
+def saved_then_config_changed(tmp_path):
+    """(src, out): a model saved to out from src, then src's config changed for the next save."""
+    src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
     (src / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 1}}))
-    out = tmp_path / "out"
     loading.save_model(fake_adapter(src, 0), out)
-    (src / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 2}}))  # the new config
+    (src / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 2}}))
+    return src, out
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_save_model_failing_midway_keeps_the_old_folder(tmp_path, monkeypatch, n):
+    src, out = saved_then_config_changed(tmp_path)
     (out / "mine.txt").write_text("user file")
     kept = snapshot(out)
     fail_nth_move_into(monkeypatch, out, n)
@@ -273,6 +380,18 @@ def test_save_model_failing_midway_keeps_the_old_folder(tmp_path, monkeypatch, n
     loading.save_model(fake_adapter(src, 1), out)
     assert json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["embed_dim"] == 2
     assert (out / "mine.txt").read_text() == "user file"
+
+
+def test_save_model_over_its_own_earlier_save_swaps_the_folder_at_once(tmp_path, monkeypatch, exchange_mode):
+    src, out = saved_then_config_changed(tmp_path)
+    old = snapshot(out)
+    states = watch_states(monkeypatch, out)
+    loading.save_model(fake_adapter(src, 1), out)
+    new = snapshot(out)
+    assert sorted(new) == ["open_clip_config.json", "open_clip_model.safetensors"] and new != old
+    assert all(state in [old, new, None] if exchange_mode == "two-renames" else state in [old, new]
+               for state in states)
+    assert hidden(tmp_path) == []
 
 
 def test_save_model_refuses_a_path_under_a_file(tmp_path):

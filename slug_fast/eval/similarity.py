@@ -115,11 +115,19 @@ class SimilarityWatch:
         self.captions = [c for _, c in pairs]
         self.batch_size = batch_size
         self.before = similarity_matrix(adapter, self.images, self.captions, batch_size)
+        self.after = None
 
     def finish(self, path: str | os.PathLike | None = None, title: str | None = None) -> dict:
-        """similarity_change of before vs now, and with `path` the before/after plot written there."""
-        after = similarity_matrix(self.adapter, self.images, self.captions, self.batch_size)
-        out = similarity_change(self.before, after)
+        """similarity_change of before vs now, and with `path` the before/after plot written there
+        (or later, with `plot`)."""
+        self.after = similarity_matrix(self.adapter, self.images, self.captions, self.batch_size)
+        out = similarity_change(self.before, self.after)
         if path is not None:
-            out["plot"] = str(plot_similarity(path, self.before, after, captions=self.captions, title=title))
+            out["plot"] = str(self.plot(path, title))
         return out
+
+    def plot(self, path: str | os.PathLike, title: str | None = None) -> Path:
+        """The before/after plot of the last `finish`, written atomically to `path`."""
+        if self.after is None:
+            raise SlugError("call finish() first: the plot compares before with the model after the edit")
+        return plot_similarity(path, self.before, self.after, captions=self.captions, title=title)
