@@ -13,16 +13,16 @@ from .stats import LayerStats
 def plot_pareto(stats: LayerStats, members: list[str], front: list[str], chosen: list[str],
                 path: str | Path, title: str) -> Path:
     """Log-log scatter of importance vs alignment for a tower's layers; front and choice labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # not pyplot: the user's matplotlib backend stays as it is
 
     idx = [stats.index(n) for n in members]
     a, m = stats.alignment[idx].tolist(), stats.importance[idx].tolist()
     floor = min([v for v in a if v > 0] or [1e-12]) / 10  # log axes: show alignment 0 at a floor
     a = [v if v > 0 else floor for v in a]
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    fig = Figure(figsize=(6.4, 4.8), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.scatter(a, m, s=14, c="#9aa5b1", label="layers")
     on_front = [i for i, n in enumerate(members) if n in front]
     ax.scatter([a[i] for i in on_front], [m[i] for i in on_front], s=30, c="#d1495b", label="Pareto front")
@@ -41,7 +41,6 @@ def plot_pareto(stats: LayerStats, members: list[str], front: list[str], chosen:
     fig.tight_layout()
     path = Path(path)
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
     return path
 
 
