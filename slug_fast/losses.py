@@ -1,4 +1,4 @@
-"""The CLIP losses of shared/SLUG.md, on L2-normalised image and text embeddings.
+"""The CLIP losses of SLUG (arXiv 2407.11867), on L2-normalised image and text embeddings.
 
 `clip_forget_loss(model, batch)` and `clip_retain_loss(model, batch)` take open_clip-style
 models (encode_image / encode_text / logit_scale) and (images, tokens) batches; adapters

@@ -1,4 +1,4 @@
-"""Step-size search (shared/SLUG.md): double until the criterion holds, then bisect."""
+"""Step-size search of SLUG (arXiv 2407.11867): double until the criterion holds, then bisect."""
 from __future__ import annotations
 
 import math
