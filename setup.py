@@ -1,6 +1,7 @@
-"""Builds slug_fast with its C++ extension slug_fast._C (csrc/, ninja) and ships the
-Triton kernels of kernels/ as slug_fast.kernels. Needs torch at build time: install
-torch first, then `pip install --no-build-isolation .`."""
+"""Builds slug_fast with its C++ extension slug_fast._C (csrc/, ninja: declares the torch
+operators slug_fast::layer_sums, axpy_into and pareto_front with their CPU kernels) and ships
+the Triton kernels of kernels/ as slug_fast.kernels (the operators' CUDA kernels). Needs torch
+at build time: install torch first, then `pip install --no-build-isolation .`."""
 import glob
 
 from setuptools import find_packages, setup

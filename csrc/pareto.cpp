@@ -1,8 +1,10 @@
 // Pareto front of (alignment, importance) in O(n log n): sort by alignment, sweep.
+#include <ATen/ops/empty.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
+#include <vector>
 
 #include "ops.h"
 
@@ -14,8 +16,8 @@ at::Tensor pareto_front(const at::Tensor& alignment, const at::Tensor& importanc
               importance.dim(), "-D");
   TORCH_CHECK(alignment.numel() == importance.numel(), "alignment has ", alignment.numel(),
               " values but importance has ", importance.numel());
-  const at::Tensor a_t = alignment.to(at::kCPU, at::kDouble).contiguous();
-  const at::Tensor m_t = importance.to(at::kCPU, at::kDouble).contiguous();
+  const at::Tensor a_t = alignment.to(at::kDouble).contiguous();
+  const at::Tensor m_t = importance.to(at::kDouble).contiguous();
   const double* a = a_t.data_ptr<double>();
   const double* m = m_t.data_ptr<double>();
   const int64_t n = a_t.numel();

@@ -44,7 +44,7 @@ SLUG_INLINE float widen(c10::BFloat16 x) {
 }
 
 #if defined(__FLT16_MAX__) && defined(__x86_64__)
-// With the compiler's _Float16, the x86-64-v3 clone widens with F16C instructions
+// With the compiler's _Float16, x86-64-v3 clones widen with F16C instructions
 // instead of c10::Half's bit manipulation.
 template <>
 SLUG_INLINE float widen(c10::Half x) {

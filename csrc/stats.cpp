@@ -1,7 +1,9 @@
 // Fused per-layer statistics: one read of theta, g_f and g_r for every layer.
 #include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -100,7 +102,8 @@ SLUG_CPU_CLONES void sums_f64(const void* t, const void* f, const void* r, int64
 SLUG_CPU_CLONES void sums_bf16(const void* t, const void* f, const void* r, int64_t n, double* o) {
   chunk_sums_any<c10::BFloat16>(t, f, r, n, o);
 }
-SLUG_CPU_CLONES void sums_f16(const void* t, const void* f, const void* r, int64_t n, double* o) {
+// Not cloned: where an x86-64-v3 clone could run, sums_f16_f16c below is used instead.
+void sums_f16(const void* t, const void* f, const void* r, int64_t n, double* o) {
   chunk_sums_any<c10::Half>(t, f, r, n, o);
 }
 
@@ -177,9 +180,8 @@ struct Task {
 
 }  // namespace
 
-at::Tensor layer_sums(const std::vector<at::Tensor>& params,
-                      const std::vector<at::Tensor>& forget,
-                      const std::optional<std::vector<at::Tensor>>& retain) {
+at::Tensor layer_sums(at::TensorList params, at::TensorList forget,
+                      std::optional<at::TensorList> retain) {
   const int64_t n_layers = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(forget.size()) == n_layers, "got ", n_layers,
               " parameters but ", forget.size(), " forget gradients");

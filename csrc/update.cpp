@@ -1,5 +1,8 @@
 // The single-layer update theta = theta0 + step * d, in one pass, never accumulated.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+
+#include <cmath>
 
 #include "ops.h"
 #include "simd.h"
@@ -9,28 +12,22 @@ namespace {
 
 constexpr int64_t kGrain = int64_t{1} << 15;
 
-// Computed as base + (step * d), two roundings and no fused multiply-add
+// out[i] = base[i] + (step * d[i]) over [begin, end): two roundings and no fused multiply-add
 // (the extension is built with -ffp-contract=off), so the result equals torch's
-// `base.float() + step * d.float()` bit for bit.
+// `base.float() + step * d.float()` bit for bit. Cloned per CPU level and called from inside
+// the parallel_for lambda: the lambda's body is a function of its own, which a clone
+// attribute on the function creating the lambda does not reach.
 template <typename T, typename D>
-SLUG_INLINE void axpy_range(T* out, const T* base, const D* d, typename Acc<T>::type step,
-                            int64_t n) {
+SLUG_CPU_CLONES void axpy_range(void* out, const void* base, const void* d,
+                                typename Acc<T>::type step, int64_t begin, int64_t end) {
   using A = typename Acc<T>::type;
-  for (int64_t i = 0; i < n; ++i) {
-    const A scaled = step * static_cast<A>(widen(d[i]));
-    out[i] = static_cast<T>(static_cast<A>(widen(base[i])) + scaled);
+  T* o = static_cast<T*>(out);
+  const T* b = static_cast<const T*>(base);
+  const D* x = static_cast<const D*>(d);
+  for (int64_t i = begin; i < end; ++i) {
+    const A scaled = step * static_cast<A>(widen(x[i]));
+    o[i] = static_cast<T>(static_cast<A>(widen(b[i])) + scaled);
   }
-}
-
-template <typename T, typename D>
-SLUG_CPU_CLONES void axpy_kernel(void* out, const void* base, const void* d, double step,
-                                 int64_t n) {
-  using A = typename Acc<T>::type;
-  const A s = static_cast<A>(step);
-  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-    axpy_range<T, D>(static_cast<T*>(out) + b, static_cast<const T*>(base) + b,
-                     static_cast<const D*>(d) + b, s, e - b);
-  });
 }
 
 }  // namespace
@@ -47,15 +44,19 @@ void axpy_into(at::Tensor& out, const at::Tensor& base, const at::Tensor& direct
   TORCH_CHECK(out.is_contiguous() && base.is_contiguous() && direction.is_contiguous(),
               "axpy_into takes contiguous tensors");
   TORCH_CHECK(std::isfinite(step), "step must be finite, got ", step);
-  const int64_t n = out.numel();
   void* o = out.data_ptr();
   const void* b = base.data_ptr();
   const void* d = direction.data_ptr();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "axpy_into", [&] {
     using T = scalar_t;
+    using A = typename Acc<T>::type;
+    const A s = static_cast<A>(step);
     AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, direction.scalar_type(), "axpy_into_direction",
-        [&] { axpy_kernel<T, scalar_t>(o, b, d, step, n); });
+        at::kHalf, at::kBFloat16, direction.scalar_type(), "axpy_into_direction", [&] {
+          at::parallel_for(0, out.numel(), kGrain, [&](int64_t begin, int64_t end) {
+            axpy_range<T, scalar_t>(o, b, d, s, begin, end);
+          });
+        });
   });
 }
 

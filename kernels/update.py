@@ -1,10 +1,11 @@
 """The single-layer update out = cast(base + step * d), for several tensors in one launch.
 
 The same tile tables as the statistics kernel: one grid covers every tile of every
-tensor of a (parameter dtype, direction dtype) pair, so a grouped HF q/k/v edit is one
-launch. Computed in float32 (float64 for float64 parameters) as base + (step * d),
-two roundings and no fused multiply-add, which equals torch's
-`base.float() + step * d.float()` bit for bit.
+tensor of a (parameter dtype, direction dtype) pair, so a grouped HF q/k/v edit can be one
+launch; axpy_into, the CUDA kernel of the operator slug_fast::axpy_into, is the one-tensor
+case. Computed in float32 (float64 for float64 parameters) as base + (step * d), two
+roundings and no fused multiply-add, which equals torch's `base.float() + step * d.float()`
+bit for bit.
 """
 from __future__ import annotations
 

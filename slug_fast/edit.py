@@ -20,15 +20,11 @@ def axpy_reference(out: torch.Tensor, base: torch.Tensor, direction: torch.Tenso
 
 def axpy(out: torch.Tensor, base: torch.Tensor, direction: torch.Tensor, step: float,
          backend: str = "auto") -> str:
-    """out = cast(base + step * direction) on the best backend for the device; returns its name."""
+    """out = cast(base + step * direction) through slug_fast::axpy_into (the kernel of the
+    device) or the reference; returns the backend used."""
     if not (out.is_contiguous() and base.is_contiguous() and direction.is_contiguous()):
         backend = "torch"
-    chosen = _backends.choose("axpy", out.device, backend)
-    if chosen == "torch":
-        axpy_reference(out, base, direction, step)
-    else:
-        _backends.module(chosen).axpy_into(out, base, direction, float(step))
-    return chosen
+    return _backends.run("axpy_into", out.device, backend, axpy_reference, out, base, direction, float(step))[1]
 
 
 class LayerEdit:
@@ -127,19 +123,8 @@ class LayerEdit:
         if not math.isfinite(step):
             raise SlugError(f"step must be finite, got {step}")
         with torch.no_grad():
-            by_device: dict[torch.device, list[str]] = {}
             for name, p in self._params.items():
-                by_device.setdefault(p.device, []).append(name)
-            for device, names in by_device.items():
-                tensors = [(self._params[n].data, self._theta0[n], self._directions[n]) for n in names]
-                contiguous = all(t.is_contiguous() for triple in tensors for t in triple)
-                if contiguous and _backends.choose("axpy", device, self.backend) == "triton":
-                    # a grouped edit (HF q/k/v) in one launch
-                    _backends.module("triton").axpy_many(*map(list, zip(*tensors)), step)
-                    self.used_backend = "triton"
-                else:
-                    for out, base, direction in tensors:
-                        self.used_backend = axpy(out, base, direction, step, self.backend)
+                self.used_backend = axpy(p.data, self._theta0[name], self._directions[name], step, self.backend)
             self._moved()
             for name, p in self._params.items():
                 if not bool(torch.isfinite(p).all()):

@@ -27,16 +27,15 @@ def pareto_front(alignment, importance, backend: str = "auto") -> list[int]:
 
     j dominates i iff alignment[j] < alignment[i] and importance[j] > importance[i].
     Ties and duplicates are all kept; a NaN in either value is never on the front.
-    Both inputs are 1-D real sequences (lists, tuples, tensors, arrays) of equal length.
+    Both inputs are 1-D real sequences (lists, tuples, tensors, arrays) of equal length,
+    taken as float64 host values. backend: "auto" or "cpp" (the operator
+    slug_fast::pareto_front, whose one kernel is C++ on CPU) or "torch" (the reference).
     """
     a = _as_values("alignment", alignment)
     m = _as_values("importance", importance)
     if a.numel() != m.numel():
         raise SlugError(f"alignment has {a.numel()} values but importance has {m.numel()}")
-    chosen = _backends.choose("pareto_front", torch.device("cpu"), backend if backend != "triton" else "cpp")
-    if chosen == "cpp":
-        return _backends.module("cpp").pareto_front(a, m).tolist()
-    return _front_reference(a, m)
+    return _backends.run("pareto_front", a.device, backend, _front_reference, a, m)[0].tolist()
 
 
 def _as_values(what: str, values) -> torch.Tensor:
@@ -53,8 +52,9 @@ def _as_values(what: str, values) -> torch.Tensor:
     return t.to(torch.float64).cpu()
 
 
-def _front_reference(a: torch.Tensor, m: torch.Tensor) -> list[int]:
-    """Sort by alignment; i is dominated iff max importance over strictly smaller alignment > m[i]."""
+def _front_reference(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Ascending int64 indices of the front. Sort by alignment; i is dominated iff the max
+    importance over strictly smaller alignment is > m[i]."""
     keep = ~(a.isnan() | m.isnan())
     idx = keep.nonzero().flatten()
     a, m = a[idx], m[idx]
@@ -64,7 +64,7 @@ def _front_reference(a: torch.Tensor, m: torch.Tensor) -> list[int]:
     # position of the first element of each alignment group, then max before it
     first = torch.searchsorted(a, a, side="left")
     before = torch.where(first > 0, running[(first - 1).clamp(min=0)], torch.tensor(-torch.inf, dtype=m.dtype))
-    return sorted(idx[~(before > m)].tolist())
+    return idx[~(before > m)].sort().values
 
 
 def matches(rule: NameRule, name: str) -> bool:

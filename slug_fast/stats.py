@@ -84,8 +84,9 @@ def layer_stats(params: Mapping[str, torch.Tensor], forget_grads: Mapping[str, t
     `params` maps names to parameter tensors (it may hold more names than the
     gradients); `retain_grads`, when given, must hold the same names as
     `forget_grads`. All tensors of a layer share shape, dtype and device.
-    backend: "auto" (C++ for CPU tensors, Triton for CUDA tensors), "cpp",
-    "triton" or "torch" (the float64 reference).
+    backend: "auto" (the operator slug_fast::layer_sums, whose kernel the dispatcher picks by
+    device: C++ for CPU tensors, Triton for CUDA tensors), "cpp" or "triton" (that kernel, or
+    a SlugError if the tensors are on another device) or "torch" (the float64 reference).
     """
     sums, chosen = layer_sums(params, forget_grads, retain_grads, backend)
     return stats_from_sums(list(forget_grads), sums, chosen)
@@ -127,11 +128,10 @@ def layer_sums(params: Mapping[str, torch.Tensor], forget_grads: Mapping[str, to
     device = devices.pop() if devices else torch.device("cpu")
     retain = r_list if retain_grads is not None else None
 
-    chosen = _backends.choose("layer_stats", device, backend)
-    if chosen == "torch" or not names:
-        sums = sums_reference(p_list, f_list, retain)
-    else:
-        sums = _backends.module(chosen).layer_sums(p_list, f_list, retain).cpu()
+    if not names:  # no tensor for the dispatcher to dispatch on
+        return torch.zeros((0, 4), dtype=torch.float64), _backends.resolve("layer_sums", device, backend)
+    sums, chosen = _backends.run("layer_sums", device, backend, sums_reference, p_list, f_list, retain)
+    sums = sums.cpu()
     _check_finite(names, sums, retain is not None)
     return sums, chosen
 

@@ -382,7 +382,9 @@ def _fronts(stats: LayerStats, tower_names: Mapping[str, list[str]], backend: st
         if not members:
             continue
         idx = [stats.index(n) for n in members]
-        front = pareto_front(stats.alignment[idx], stats.importance[idx], backend=backend)
+        # host values: the front's one kernel is the CPU one, whatever backend the tensors use
+        front_backend = "torch" if backend == "torch" else "auto"
+        front = pareto_front(stats.alignment[idx], stats.importance[idx], backend=front_backend)
         fronts[t] = [members[i] for i in front]
     return fronts
 

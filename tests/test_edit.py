@@ -3,12 +3,28 @@ import pytest
 import torch
 
 import slug_fast
+from slug_fast import _backends
 from slug_fast.edit import axpy, axpy_reference
 from slug_fast.errors import NonFiniteError, SlugError
 
 from conftest import available, device_for
 
 BACKENDS = available(["cpp", "triton", "torch"])
+# the Triton kernels called directly: on CPU tensors under TRITON_INTERPRET=1 without a GPU
+# (the dispatcher sends CPU tensors to the C++ kernel)
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(_backends.kernels_reason() is not None,
+                                                         reason=str(_backends.kernels_reason())))
+UPDATES = available(["cpp", "torch"]) + [TRITON]
+
+
+def update(out, base, direction, step, backend):
+    """edit.axpy on `backend`; without a GPU, Triton's kernel called directly. Returns the backend used."""
+    if backend == "triton" and not torch.cuda.is_available():
+        from slug_fast import kernels
+
+        kernels.axpy_into(out, base, direction, step)
+        return "triton"
+    return axpy(out, base, direction, step, backend=backend)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
@@ -31,7 +47,7 @@ def model_of(dtype, gen, device="cpu"):
     return model
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", UPDATES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("direction_dtype", ["same", torch.float32])
 def test_update_matches_float64_oracle_and_reference_bits(backend, dtype, direction_dtype, gen):
@@ -44,7 +60,7 @@ def test_update_matches_float64_oracle_and_reference_bits(backend, dtype, direct
     base[5:10] = 0
     step = float(torch.rand((), generator=gen, dtype=torch.float64)) * 3 + 0.01
     out = torch.empty_like(base)
-    used = axpy(out, base, d, step, backend=backend)
+    used = update(out, base, d, step, backend)
     assert used == backend
     ref = torch.empty_like(base)
     axpy_reference(ref, base, d, step)
@@ -57,14 +73,14 @@ def test_update_matches_float64_oracle_and_reference_bits(backend, dtype, direct
     assert torch.equal(out[:5], base[:5])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", UPDATES)
 def test_update_in_place_on_base(backend, gen):
     dev = device_for(backend)
     base = torch.randn(5000, generator=gen).to(dev)
     d = torch.randn(5000, generator=gen).to(dev)
     expected = torch.empty_like(base)
     axpy_reference(expected, base, d, 0.7)
-    axpy(base, base, d, 0.7, backend=backend)
+    update(base, base, d, 0.7, backend)
     assert torch.equal(base, expected)
 
 
@@ -150,7 +166,7 @@ def test_bad_directions_are_refused_and_nothing_changes(gen):
     assert all(torch.equal(snapshot(model)[n], before[n]) for n in before)
 
 
-@pytest.mark.parametrize("backend", available(["triton"]))
+@pytest.mark.parametrize("backend", [TRITON])
 def test_grouped_update_in_one_launch_matches_the_reference(backend, gen):
     from slug_fast import kernels
 
@@ -183,3 +199,14 @@ def test_a_step_that_overflows_the_dtype_is_undone_and_refused(dtype):
         assert torch.equal(layer.weight, theta0) and edit.current_step == 0.0
         edit.commit()  # committing after the refusal keeps theta0, not an inf
     assert torch.equal(layer.weight, theta0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the triton backend takes its tensors")
+def test_a_backend_that_cannot_serve_the_tensors_is_refused_and_nothing_changes(gen):
+    model = model_of(torch.float32, gen)
+    before = snapshot(model)
+    with slug_fast.LayerEdit(model, {"0.weight": torch.ones(65, 33)}, backend="triton") as edit:
+        with pytest.raises(SlugError, match="axpy_into: the triton backend takes CUDA tensors, got tensors on cpu"):
+            edit.step(1.0)
+        edit.commit()
+    assert all(torch.equal(snapshot(model)[n], before[n]) for n in before)

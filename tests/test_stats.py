@@ -6,12 +6,49 @@ import pytest
 import torch
 
 import slug_fast
+from slug_fast import _backends
 from slug_fast.errors import NonFiniteError, SlugError
-from slug_fast.stats import SUM_RTOL, stats_from_sums
+from slug_fast.stats import SUM_RTOL, _check_finite, layer_sums, stats_from_sums
 
 from conftest import available, device_for
 
-BACKENDS = available(["cpp", "triton", "torch"])
+# "triton" without a GPU: the Triton kernels called directly on CPU tensors under TRITON_INTERPRET=1
+# (the dispatcher sends CPU tensors to the C++ kernels)
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(_backends.kernels_reason() is not None,
+                                                         reason=str(_backends.kernels_reason())))
+BACKENDS = available(["cpp", "torch"]) + [TRITON]
+
+
+def kernel_route(backend):
+    """Whether `backend` runs here as its kernels called directly (Triton on CPU tensors)."""
+    return backend == "triton" and not torch.cuda.is_available()
+
+
+def kernel_sums(params, forget, retain=None):
+    """The [n, 4] sums of slug_fast.kernels.layer_sums, checked finite as stats.layer_sums does."""
+    from slug_fast import kernels
+
+    names = list(forget)
+    sums = kernels.layer_sums([params[n].contiguous() for n in names], [forget[n].contiguous() for n in names],
+                              None if retain is None else [retain[n].contiguous() for n in names]).cpu()
+    _check_finite(names, sums, retain is not None)
+    return sums
+
+
+def sums_of(backend, params, forget, retain=None):
+    """stats.layer_sums on `backend` (or kernel_sums on the kernel route)."""
+    if kernel_route(backend):
+        return kernel_sums(params, forget, retain)
+    sums, used = layer_sums(params, forget, retain, backend=backend)
+    assert used == backend
+    return sums
+
+
+def stats_of(backend, params, forget, retain=None):
+    """slug_fast.layer_stats on `backend` (or kernel_sums on the kernel route)."""
+    if kernel_route(backend):
+        return stats_from_sums(list(forget), kernel_sums(params, forget, retain), backend)
+    return slug_fast.layer_stats(params, forget, retain, backend=backend)
 
 
 def oracle(p, f, r):
@@ -63,8 +100,8 @@ def test_shapes_and_dtypes_match_float64_oracle(backend, dtype, gen):
     dev = device_for(backend)
     shapes = SHAPES if backend != "triton" or dev.type == "cuda" else SHAPES[:-1] + [(300, 301)]
     layers = {f"l{i}.weight": tuple(t.to(dev) for t in make_layer(s, dtype, gen)) for i, s in enumerate(shapes)}
-    stats = slug_fast.layer_stats({n: v[0] for n, v in layers.items()}, {n: v[1] for n, v in layers.items()},
-                                  {n: v[2] for n, v in layers.items()}, backend=backend)
+    stats = stats_of(backend, {n: v[0] for n, v in layers.items()}, {n: v[1] for n, v in layers.items()},
+                     {n: v[2] for n, v in layers.items()})
     assert stats.backend == backend
     check(stats, layers, backend)
 
@@ -74,8 +111,8 @@ def test_over_a_million_elements_float32(backend, gen):
     dev = device_for(backend)
     layers = {n: tuple(t.to(dev) for t in make_layer(shape, torch.float32, gen))
               for n, shape in (("big", (1200, 1001)), ("small", (3,)))}
-    stats = slug_fast.layer_stats({n: v[0] for n, v in layers.items()}, {n: v[1] for n, v in layers.items()},
-                                  {n: v[2] for n, v in layers.items()}, backend=backend)
+    stats = stats_of(backend, {n: v[0] for n, v in layers.items()}, {n: v[1] for n, v in layers.items()},
+                     {n: v[2] for n, v in layers.items()})
     check(stats, layers, backend)
 
 
@@ -89,8 +126,8 @@ def test_many_layers_mixed_dtypes_and_zero_gradients(backend, gen):
                                                     generator=gen))
         zero = {0: "forget", 1: "retain"}.get(i % 7)
         layers[f"block.{i}.w"] = tuple(t.to(dev) for t in make_layer(shape, dtypes[i % 4], gen, zero))
-    stats = slug_fast.layer_stats({n: v[0] for n, v in layers.items()}, {n: v[1] for n, v in layers.items()},
-                                  {n: v[2] for n, v in layers.items()}, backend=backend)
+    stats = stats_of(backend, {n: v[0] for n, v in layers.items()}, {n: v[1] for n, v in layers.items()},
+                     {n: v[2] for n, v in layers.items()})
     check(stats, layers, backend)
     zero_forget = [i for i in range(320) if i % 7 == 0]
     assert (stats.importance[zero_forget] == 0).all() and (stats.alignment[zero_forget] == 0).all()
@@ -100,20 +137,19 @@ def test_many_layers_mixed_dtypes_and_zero_gradients(backend, gen):
 def test_without_retain_gradients(backend, gen):
     dev = device_for(backend)
     p, f, _ = (t.to(dev) for t in make_layer((40, 9), torch.float32, gen))
-    stats = slug_fast.layer_stats({"w": p}, {"w": f}, backend=backend)
+    stats = stats_of(backend, {"w": p}, {"w": f})
     o = oracle(p, f, torch.zeros_like(f))
     assert stats.importance[0].item() == pytest.approx(o["imp"], rel=1e-5)
     assert stats.retain_norm[0].item() == 0 and stats.alignment[0].item() == 0
 
 
-@pytest.mark.parametrize("backend", available(["cpp", "triton"]))
+@pytest.mark.parametrize("backend", available(["cpp"]) + [TRITON])
 def test_backends_agree_run_to_run_bit_identical(backend, gen):
     dev = device_for(backend)
     layers = {f"l{i}": tuple(t.to(dev) for t in make_layer((257, 129), torch.float32, gen)) for i in range(3)}
     args = ({n: v[0] for n, v in layers.items()}, {n: v[1] for n, v in layers.items()},
             {n: v[2] for n, v in layers.items()})
-    a = slug_fast.layer_stats(*args, backend=backend)
-    b = slug_fast.layer_stats(*args, backend=backend)
+    a, b = stats_of(backend, *args), stats_of(backend, *args)
     assert torch.equal(a.dot, b.dot) and torch.equal(a.param_norm, b.param_norm)
 
 
@@ -126,8 +162,7 @@ def test_nonfinite_input_is_refused_naming_the_layer(backend, where, bad, gen):
     {"param": p, "forget": f, "retain": r}[where][17] = bad
     ok = tuple(t.to(dev) for t in make_layer((5,), torch.float32, gen))
     with pytest.raises(NonFiniteError, match=r"'enc\.bad'"):
-        slug_fast.layer_stats({"ok": ok[0], "enc.bad": p}, {"ok": ok[1], "enc.bad": f},
-                              {"ok": ok[2], "enc.bad": r}, backend=backend)
+        stats_of(backend, {"ok": ok[0], "enc.bad": p}, {"ok": ok[1], "enc.bad": f}, {"ok": ok[2], "enc.bad": r})
 
 
 def test_bad_inputs_name_what_is_wrong():
@@ -158,7 +193,7 @@ def test_non_contiguous_gradients_are_handled(gen):
     assert stats.dot[0].item() == pytest.approx(o["fr"], abs=1e-5 * o["abs_fr"])
 
 
-@pytest.mark.parametrize("backend", available(["triton"]))
+@pytest.mark.parametrize("backend", [TRITON])
 def test_triton_kernel_refuses_non_contiguous_tensors(backend):
     from slug_fast import kernels
 
@@ -178,7 +213,7 @@ EXTREMES = [(torch.float32, s) for s in (1e-23, 1e-30, 1e-40, 3e19, 1e30)] + \
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,scale", EXTREMES)
 def test_sums_exact_at_extreme_magnitudes(backend, dtype, scale, gen):
-    from slug_fast.stats import layer_sums, sums_reference
+    from slug_fast.stats import sums_reference
 
     dev = device_for(backend)
     n = 1037  # vector blocks and a scalar tail
@@ -190,7 +225,7 @@ def test_sums_exact_at_extreme_magnitudes(backend, dtype, scale, gen):
     params = {"w": p.to(dev), "z": torch.zeros(5, dtype=dtype, device=dev)}
     forget = {"w": f.to(dev), "z": torch.zeros(5, dtype=dtype, device=dev)}
     retain = {"w": r.to(dev), "z": torch.zeros(5, dtype=dtype, device=dev)}
-    sums, _ = layer_sums(params, forget, retain, backend=backend)
+    sums = sums_of(backend, params, forget, retain)
     ref = sums_reference([p, params["z"].cpu()], [f, forget["z"].cpu()], [r, retain["z"].cpu()])
     rtol = SUM_RTOL[backend]
     assert torch.allclose(sums[:, :3], ref[:, :3], rtol=rtol, atol=0), (sums, ref)
