@@ -97,6 +97,14 @@ def test_compare_refuses_an_unknown_method(tmp_path):
     assert out.returncode == 2 and "unknown method 'magic'" in out.stderr and not (tmp_path / "c").exists()
 
 
+def _default_sigint():
+    """In the child: Ctrl-C's default handling, also when this test runs as a background job
+    (whose SIGINT is ignored, and Python then installs no KeyboardInterrupt handler)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_is_one_line_exit_130_and_leaves_out_untouched(tmp_path):
     import signal
     import time
@@ -106,7 +114,7 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_out_untouched(tmp_path):
     (out_dir / "report.json").write_text("keep me")
     env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "slug_fast", "demo", "--epochs", "30", "--out", str(out_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint)
     # wait until it has spent CPU time well past the imports (about 2.5 s): it is training
     ticks = os.sysconf("SC_CLK_TCK")
     for _ in range(600):
@@ -128,7 +136,7 @@ def test_ctrl_c_while_the_imports_run_is_one_line_exit_130(tmp_path):
     # -X importtime reports each module as it finishes: a torch submodule done means `import
     # slug_fast` (which imports torch first) is under way, and much of torch is still to come
     proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "slug_fast", "demo", "--out", str(tmp_path / "o")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint)
     lines = []
     for line in proc.stderr:
         lines.append(line)
