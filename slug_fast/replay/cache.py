@@ -22,8 +22,8 @@ class ByteBudget:
 class RecordCache:
     """The records of one region in call order, looked up at a cursor, kept within a byte budget.
 
-    A pass is one evaluation: the calls between two moves of `token` (the edited tensors'
-    versions). Calls usually come in the same order every pass, so a lookup tries the record
+    A pass is one evaluation: the calls between two moves of `token` (versions of the edited
+    tensors, which move at each step). Calls usually come in the same order every pass, so a lookup tries the record
     at the cursor first, then the others; a miss is recorded at the cursor, replacing what was
     there, unless the budget would be exceeded (then that call stays uncached). A record
     reports `intact()` (its tensors unchanged in place; else it is dropped) and `nbytes`. A
