@@ -18,7 +18,7 @@ from .adapters import Adapter, GenericAdapter, detect_adapter, get_adapter
 from .delta import save_delta, tensor_spec
 from .edit import LayerEdit
 from .errors import CriterionNotReached, SlugError
-from .fastsearch import DEFAULT_MAX_BYTES, upstream_replay
+from .replay import DEFAULT_MAX_BYTES, upstream_replay
 from .gradients import GradientPass, Gradients, Loss, resolve_params
 from .memory import (MAX_PREFERRED_PASSES, MODES, MemoryPlan, MemoryReport, PeakMeter, format_bytes, parse_budget,
                      plan)
@@ -134,7 +134,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     smallest relative change); "deepest" searches the deepest front layer of each
     tower. `tower` restricts the choice to some towers. With apply=False the model
     is left unchanged and the result carries the delta. cache: each search evaluation
-    re-runs only what the edit can change (slug_fast.fastsearch.upstream_replay), bit-identical
+    re-runs only what the edit can change (slug_fast.replay.upstream_replay), bit-identical
     to a plain one; "linear" also caches an edited Linear's products (equal within float32
     rounding); False evaluates plainly.
     memory_budget: bytes SLUG may use above the loaded model and data (an int, "12GB",

@@ -1,4 +1,4 @@
-"""upstream_replay: search evaluations that re-run only what the edit changes, equal to plain ones.
+"""slug_fast.replay: search evaluations that re-run only what the edit changes, equal to plain ones.
 
 Features are compared bit for bit (torch.equal) wherever the computation is the same one: upstream
 replay returns outputs recorded from the very same computation, and everything from the edited
@@ -6,6 +6,8 @@ block on is recomputed with the same weights. Where an edited nn.Linear runs as
 (W0 x + b) + lam * (G x) instead of (W0 + lam G) x + b, the sum is rounded in another order, so
 features are compared with allclose at float32 tolerance. Accuracies are compared exactly.
 """
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,10 @@ from slug_fast.adapters.hf_clip import HFClipAdapter
 from slug_fast.demo import accuracies
 from slug_fast.edit import LayerEdit
 from slug_fast.eval import concept_criterion
-from slug_fast.fastsearch import _Skipped, find_stacks, upstream_replay
+from slug_fast.replay import ByteBudget, RecordCache, find_stacks, upstream_replay
+from slug_fast.replay.hooks import HF_CHECKED, HF_COLLECTOR, HF_HOOK, HF_KEY, HF_MODULE, hf_probe_supported, \
+    inactive_hf_hook
+from slug_fast.replay.placeholders import Skipped
 
 RTOL, ATOL = 1e-5, 1e-5  # float32, features of unit norm
 STEPS = (0.15, 0.4, 0.15, 0.8)  # a step met again: recorded products are reused
@@ -61,6 +66,75 @@ def run_steps(model, edit, evaluate, steps, **options):
         stats = replay.stats()
     assert no_patches(model) and hooks(model) == before
     return plain, got, stats
+
+
+# --------------------------------------------------------------------- RecordCache
+
+
+class Rec:
+    """A record keyed by `key`, `nbytes` large; `broken` stands for its tensors changed in place."""
+
+    def __init__(self, key, nbytes=10):
+        self.key, self.nbytes, self.broken = key, nbytes, False
+
+    def intact(self):
+        return not self.broken
+
+
+def lookup(cache, key, looked):
+    """cache.find for `key`, appending every record it examines to `looked`."""
+    return cache.find(lambda r: looked.append(r.key) or r.key == key)
+
+
+def run_pass(cache, token, keys):
+    """One pass over `keys`: each found, or stored at the cursor; returns the records looked at."""
+    cache.sync(token)
+    looked = []
+    for k in keys:
+        if lookup(cache, k, looked) is None:
+            cache.store(Rec(k))
+    return looked
+
+
+def test_record_cache_looks_at_the_cursor_first_and_stores_in_call_order():
+    cache = RecordCache("x", ByteBudget(1000), patience=2)
+    run_pass(cache, 1, "abcd")
+    assert [r.key for r in cache.records] == list("abcd") and cache.budget.used == 40
+    assert run_pass(cache, 2, "abcd") == list("abcd")  # the same order: one look per call
+    assert (cache.hits, cache.misses) == (4, 4)
+    assert run_pass(cache, 3, "dcba") == list("abcd" "abc" "dab" "ca")  # the record at the cursor first
+    assert (cache.hits, cache.misses) == (8, 4)
+    run_pass(cache, 4, "abXd")  # a new input replaces the record at its place in the order
+    assert [r.key for r in cache.records] == list("abXd") and cache.budget.used == 40
+    cache.records[1].broken = True  # changed in place: dropped, its bytes released
+    assert lookup(cache, "b", []) is None and cache.records[1] is None and cache.budget.used == 30
+
+
+def test_record_cache_keeps_to_the_byte_budget():
+    budget = ByteBudget(25)
+    a, b = RecordCache("a", budget, patience=2), RecordCache("b", budget, patience=2)
+    assert a.store(Rec(1)) and b.store(Rec(2))
+    assert not a.store(Rec(3, nbytes=6)) and a.cursor == 1  # 26 > 25: refused, not kept, cursor stays
+    assert a.store(Rec(4, nbytes=5)) and budget.used == budget.peak == 25
+    a.sync("next pass")
+    assert a.store(Rec(5, nbytes=10)) and [r.key for r in a.records] == [5, 4]  # replacing 1 frees its 10
+    assert budget.used == sum(r.nbytes for c in (a, b) for r in c.records) == 25
+    assert not b.store(Rec(6, nbytes=1)) and len(b.records) == 1  # b replaces nothing: 26 > 25
+    a.clear()
+    assert budget.used == 10 and a.records == [] and budget.peak == 25
+
+
+def test_record_cache_gives_up_after_patience_passes_without_a_hit():
+    cache = RecordCache("x", ByteBudget(1000), patience=2)
+    run_pass(cache, 0, "ab")  # the recording pass: nothing to miss yet
+    run_pass(cache, 1, "cd")  # no hit: cold 1
+    run_pass(cache, 2, "cd")  # a hit: cold 0
+    run_pass(cache, 3, "ef")  # cold 1
+    assert not cache.off
+    run_pass(cache, 4, "gh")  # cold 2, counted when the next pass starts
+    assert not cache.off and cache.budget.used == 20
+    cache.sync(5)
+    assert cache.off and cache.records == [] and cache.budget.used == 0 and cache.cold == 2
 
 
 # --------------------------------------------------------------------- open_clip (digits mini-CLIP)
@@ -293,7 +367,72 @@ def test_hf_clip_stacks_and_boundaries():
             "vision_model.pre_layrnorm", "vision_model.post_layernorm", "visual_projection", "text_projection"]
         with torch.no_grad():
             hidden = model.vision_model(pixel_values=torch.zeros(1, 3, 16, 16), output_hidden_states=True)
-        assert not any(isinstance(h, _Skipped) for h in hidden.hidden_states)
+        assert not any(isinstance(h, Skipped) for h in hidden.hidden_states)
+
+
+def hf_clip_with_capture_hooks():
+    """tiny_hf_clip3 after a capture of hidden states: transformers installs its hooks then, and keeps them."""
+    model = tiny_hf_clip3()
+    with torch.no_grad():
+        model.vision_model(pixel_values=torch.zeros(1, 3, 16, 16), output_hidden_states=True)
+    return model
+
+
+def hf_capture_hooks(model):
+    return [(m, h) for m in model.modules() for h in m._forward_hooks.values() if getattr(h, "__name__", "") == HF_HOOK]
+
+
+def test_transformers_hook_probe_reads_what_transformers_does():
+    """Fails, naming it, when transformers changes the private hook state slug_fast/replay/hooks.py reads."""
+    import transformers
+
+    where = f"transformers {transformers.__version__}"
+    assert hf_probe_supported(transformers.__version__), (
+        f"{where} is outside HF_CHECKED {HF_CHECKED} (slug_fast/replay/hooks.py), so HF blocks are never "
+        "replayed: check the probe against it with this test, then widen HF_CHECKED")
+    try:
+        collector = getattr(importlib.import_module(HF_MODULE), HF_COLLECTOR)
+    except (ImportError, AttributeError) as e:
+        pytest.fail(f"{where} has no {HF_MODULE}.{HF_COLLECTOR} any more: {e}")
+    model = hf_clip_with_capture_hooks()
+    hooks = hf_capture_hooks(model)
+    assert hooks, f"{where} installs no forward hook named {HF_HOOK!r} on CLIP layers any more"
+    for _, h in hooks:
+        assert HF_KEY in h.__code__.co_freevars, \
+            f"{where}: {HF_HOOK} no longer closes over {HF_KEY!r} (it closes over {h.__code__.co_freevars})"
+    assert collector.get() is None, f"{where}: {HF_COLLECTOR}.get() is {collector.get()!r} outside a forward"
+    verdicts = set()
+    for capture in (None, ["hidden_states"], ["attentions"], ["hidden_states", "attentions"]):
+        for module, hook in hooks:  # the probe's verdict against what the hook does when called
+            collected = None if capture is None else {k: [] for k in capture}
+            token = collector.set(collected)
+            try:
+                idle = inactive_hf_hook(hook)
+                hook(module, (torch.ones(2),), (torch.ones(2), torch.ones(2)))
+            finally:
+                collector.reset(token)
+            did = collected is not None and any(collected.values())
+            verdict, deed = ("idle", "stored outputs") if idle else ("active", "did nothing")
+            assert idle != did, f"{where}: with {capture} captured the probe calls a {HF_HOOK} {verdict}, but it {deed}"
+            verdicts.add(idle)
+    assert verdicts == {True, False}
+
+
+@pytest.mark.parametrize("version,replayed", [("5.24.0", True), ("6.0.0", False), ("5.23.1", False)])
+def test_hf_hooks_count_as_active_outside_checked_versions(monkeypatch, version, replayed):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    model = hf_clip_with_capture_hooks()
+    assert hf_capture_hooks(model)
+    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    name = "vision_model.encoder.layers.2.mlp.fc1.weight"
+    features = torch.no_grad()(lambda: model.get_image_features(images).pooler_output)
+    with LayerEdit(model, {name: direction_for(dict(model.named_parameters())[name], 10)}) as edit:
+        plain, got, stats = run_steps(model, edit, features, STEPS)
+    assert all(torch.equal(g, p) for g, p in zip(got, plain))
+    vision = stats["stacks"]["vision_model.encoder.layers"]
+    assert (vision["hits"] > 0) == replayed and (vision["bypassed"] == 0) == replayed
 
 
 # --------------------------------------------------------------------- unlearn
