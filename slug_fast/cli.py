@@ -210,6 +210,10 @@ def _run(argv: list[str] | None) -> int:
                            max_evals=args.max_evals, progress=False if args.quiet else None)
             if not args.quiet:
                 print(_before_after(out), file=sys.stderr)
+    except CriterionNotReached as err:  # an outcome, not bad input
+        if ranks is None or ranks.rank == 0:
+            print(f"slug-fast: criterion not reached: {err}", file=sys.stderr)
+        return EXIT_NOT_REACHED
     except (SlugError, OSError, UnicodeDecodeError) as err:
         if ranks is None or ranks.rank == 0:  # every rank raised; rank 0 says why, once
             print(f"slug-fast: error: {_one_line(err)}", file=sys.stderr)

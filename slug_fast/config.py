@@ -9,7 +9,6 @@ defaults below for those it leaves out), so a setting may not also come as a key
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -88,9 +87,6 @@ class SlugConfig:
         if self.memory_budget is not None or self.store != "auto" or self.passes is not None:
             raise SlugError("memory_budget=, store= and passes= plan one process's gradients; on several processes "
                             "partition='owner' keeps 1/N of them per rank (or pass process_group=False)")
-
-
-SETTINGS = tuple(f.name for f in dataclasses.fields(SlugConfig))
 
 
 class Unset:
