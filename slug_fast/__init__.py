@@ -10,7 +10,8 @@ try:
 
     from . import adapters, data, distributed, eval  # noqa: A004 (the evaluation package, not the builtin)
     from ._backends import availability as backends
-    from .delta import apply_delta, load_delta, save_delta
+    from .config import SlugConfig
+    from .delta import DeltaConfig, apply_delta, load_delta, save_delta
     from .edit import LayerEdit
     from .errors import CriterionNotReached, DeltaError, NonFiniteError, SlugError
     from .gradients import Gradients, compute_gradients
@@ -30,9 +31,9 @@ except KeyboardInterrupt:  # Ctrl-C while the command line is still starting: on
 __version__ = "0.1.0"
 
 __all__ = [
-    "adapters", "data", "distributed", "eval", "Candidate", "ChunkedStore", "CriterionNotReached", "DeltaError", "Evaluation",
-    "FullStore", "GradientStore", "Gradients", "LayerEdit", "LayerStats", "MemoryReport", "NonFiniteError",
-    "OffloadStore", "SearchResult", "SlugError", "UnlearnResult", "apply_delta", "backends", "clip_forget_loss",
-    "clip_retain_loss", "compute_gradients", "is_eligible", "layer_stats", "load_delta", "pareto_front",
-    "save_delta", "search_step", "start_step", "unlearn",
+    "adapters", "data", "distributed", "eval", "Candidate", "ChunkedStore", "CriterionNotReached", "DeltaConfig",
+    "DeltaError", "Evaluation", "FullStore", "GradientStore", "Gradients", "LayerEdit", "LayerStats", "MemoryReport",
+    "NonFiniteError", "OffloadStore", "SearchResult", "SlugConfig", "SlugError", "UnlearnResult", "apply_delta",
+    "backends", "clip_forget_loss", "clip_retain_loss", "compute_gradients", "is_eligible", "layer_stats",
+    "load_delta", "pareto_front", "save_delta", "search_step", "start_step", "unlearn",
 ]

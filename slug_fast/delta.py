@@ -1,18 +1,23 @@
 """Deltas: the change an unlearning made, as safetensors plus a JSON config (PEFT-like).
 
 A delta directory holds `delta.safetensors` (name -> float32/float64 change, only
-the edited tensors) and `delta_config.json` (format, method, layers, step, and per
-tensor the parameter's shape, dtype and a SHA-256 of its original bytes; and
+the edited tensors) and `delta_config.json` (DeltaConfig: format, version, method,
+layers, step, the run's settings, the slug_fast version, and per tensor the
+parameter's shape, dtype and a SHA-256 of its original bytes; and
 `tensors_file_sha256`, binding the config to its tensor file).
 Applying sets theta = cast(theta + delta); deltas computed on the same original
 model compose.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +30,11 @@ from .errors import DeltaError, unknown_name
 from .files import check_dir_target, replace_dir, write_atomic, write_json_atomic
 
 FORMAT = "slug_fast.delta"
-VERSION = 1
+# MAJOR.MINOR of delta_config.json. A newer minor only adds keys a delta applies the same way
+# without (read with a warning naming them); a newer major changes how it applies (refused).
+# Version 1.0 was written as the integer 1.
+VERSION = "1.1"
+MAJOR, MINOR = (int(part) for part in VERSION.split("."))
 TENSORS_FILE = "delta.safetensors"
 CONFIG_FILE = "delta_config.json"
 
@@ -41,7 +50,8 @@ def tensor_spec(t: torch.Tensor) -> dict:
     return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "base_sha256": tensor_sha256(t)}
 
 
-RESERVED = ("format", "version", "tensors", "tensors_file_sha256")
+RESERVED = ("format", "version", "tensors", "tensors_file_sha256", "slug_fast_version")
+SPEC_KEYS = ("shape", "dtype", "base_sha256")
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 
 
@@ -74,6 +84,87 @@ def _tensor_problem(t) -> str | None:
     return None
 
 
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+_KINDS = {  # what a recorded field holds: (check, what it should be)
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "names": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "count": (lambda v: type(v) is int and v >= 1, "a positive integer"),
+    "flag": (lambda v: isinstance(v, bool), "true or false"),
+    "cache": (lambda v: isinstance(v, bool) or v == "linear", "true, false or 'linear'"),
+}
+
+
+def _recorded(kind: str):
+    """A field the config may hold (None: not recorded), type-checked on load."""
+    return field(default=None, metadata={"kind": kind})
+
+
+@dataclass
+class DeltaConfig:
+    """delta_config.json, typed: `from_dict` checks every entry, `to_dict` gives the JSON object.
+
+    The recorded fields are None where a config lacks them (older deltas, or save_delta with
+    other meta); `extra` keeps the keys with no field (a caller's meta, or what a newer minor
+    version added), so nothing read is dropped.
+    """
+
+    tensors: dict[str, dict]  # name -> tensor_spec of the parameter it changes
+    tensors_file_sha256: str | None = None  # SHA-256 of the tensor file (absent in the earliest deltas)
+    method: str | None = _recorded("text")
+    layers: list[str] | None = _recorded("names")  # the names it changes in the user's object
+    target_layers: list[str] | None = _recorded("names")  # the same in the module SLUG differentiated
+    tower: str | None = _recorded("text")
+    step: float | None = _recorded("number")
+    relative_change: float | None = _recorded("number")
+    strategy: str | None = _recorded("text")  # from here: the run's settings (slug_fast.SlugConfig)
+    group: bool | None = _recorded("flag")
+    cache: bool | str | None = _recorded("cache")
+    max_evals: int | None = _recorded("count")
+    memory_mode: str | None = _recorded("text")  # the gradient store used: full, chunked or offload
+    slug_fast_version: str | None = _recorded("text")  # the library that wrote it
+    version: str = VERSION
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The JSON object (recorded fields that are None left out)."""
+        out = {"format": FORMAT, "version": self.version}
+        for f in dataclasses.fields(self):
+            if "kind" in f.metadata and getattr(self, f.name) is not None:
+                out[f.name] = getattr(self, f.name)
+        out.update(self.extra)
+        out["tensors"] = {n: dict(spec) for n, spec in self.tensors.items()}
+        if self.tensors_file_sha256 is not None:
+            out["tensors_file_sha256"] = self.tensors_file_sha256
+        return out
+
+    @classmethod
+    def from_dict(cls, config, source: str = "the delta config") -> DeltaConfig:
+        """`config` (parsed JSON) checked: DeltaError naming `source` and the first problem.
+
+        Another major version is refused; a newer minor version is read, with a warning
+        naming the keys this version does not know (kept in `extra`, not used).
+        """
+        if (problem := _config_problem(config)) is not None:
+            raise DeltaError(f"{source} {problem}")
+        major, minor = _version_of(config["version"])
+        named = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        extra = {k: v for k, v in config.items() if k not in named and k != "format"}
+        unknown = list(extra) + sorted({f"tensors[*].{k}" for spec in config["tensors"].values() for k in spec
+                                        if k not in SPEC_KEYS})
+        if minor > MINOR and unknown:
+            warnings.warn(f"{source} is delta format {major}.{minor}, newer than the {VERSION} this slug_fast "
+                          f"({_library_version()}) reads; read as {VERSION}, with keys it does not know kept but not "
+                          f"used: {', '.join(unknown)}", stacklevel=2)
+        fields_ = {k: v for k, v in config.items() if k in named and k != "version"}
+        return cls(**fields_, version=f"{major}.{minor}", extra=extra)
+
+
 def save_delta(path: str | os.PathLike, delta: Mapping[str, torch.Tensor],
                specs: Mapping[str, dict], meta: Mapping | None = None) -> Path:
     """Write `delta` (name -> change) to directory `path`, the pair all or nothing.
@@ -103,12 +194,13 @@ def save_delta(path: str | os.PathLike, delta: Mapping[str, torch.Tensor],
     if clash := sorted(set(meta) & set(RESERVED)):
         raise DeltaError(f"meta may not set {clash}; slug_fast writes {list(RESERVED)} itself")
     tensors = {n: d.detach().contiguous().cpu() for n, d in delta.items()}
-    config = {"format": FORMAT, "version": VERSION, **meta,
+    config = {"format": FORMAT, "version": VERSION, **meta, "slug_fast_version": _library_version(),
               "tensors": {n: dict(specs[n]) for n in tensors}}
     try:
         json.dumps(config)
     except (TypeError, ValueError) as err:
         raise DeltaError(f"meta must be JSON-serialisable ({err})") from None
+    config = DeltaConfig.from_dict(config, "meta").to_dict()  # what load_delta would refuse is refused here
     check_dir_target(path, "delta directory", DeltaError)
     data = safetensors_save(tensors, metadata={"format": FORMAT})
     config["tensors_file_sha256"] = hashlib.sha256(data).hexdigest()
@@ -125,11 +217,24 @@ def save_delta(path: str | os.PathLike, delta: Mapping[str, torch.Tensor],
     return path
 
 
+def _version_of(value) -> tuple[int, int] | None:
+    """(major, minor) of a config's version: "MAJOR.MINOR", or an integer major (1.0 was written 1)."""
+    if type(value) is int and value >= 0:
+        return value, 0
+    if isinstance(value, str) and (hit := re.fullmatch(r"([0-9]{1,9})\.([0-9]{1,9})", value)):
+        return int(hit[1]), int(hit[2])
+    return None
+
+
 def _config_problem(config) -> str | None:
     if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("tensors"), dict):
         return f"is not a {FORMAT} config (format must be {FORMAT!r} with a 'tensors' table)"
-    if type(config.get("version")) is not int or config["version"] != VERSION:
-        return f"has version {config.get('version')!r}; this slug_fast reads version {VERSION}"
+    if (version := _version_of(config.get("version"))) is None:
+        return f"has version {config.get('version')!r}; expected a delta format version such as {VERSION!r}"
+    if version[0] != MAJOR:
+        newer = "a newer major version than" if version[0] > MAJOR else "another major version than"
+        return (f"has delta format version {version[0]}.{version[1]}, {newer} this slug_fast ({_library_version()}) "
+                f"reads: {MAJOR}.x, up to {VERSION}" + ("; upgrade slug_fast to read it" if version[0] > MAJOR else ""))
     if not config["tensors"]:
         return "lists no tensors"
     for name, spec in config["tensors"].items():
@@ -137,13 +242,19 @@ def _config_problem(config) -> str | None:
             return f"entry tensors[{name!r}] {problem}"
     if "tensors_file_sha256" in config and not _is_sha256(config["tensors_file_sha256"]):
         return f"has tensors_file_sha256 {str(config['tensors_file_sha256'])[:80]!r}; expected 64 lowercase hex digits"
+    for f in dataclasses.fields(DeltaConfig):
+        if "kind" in f.metadata and config.get(f.name) is not None:
+            check, expected = _KINDS[f.metadata["kind"]]
+            if not check(config[f.name]):
+                return f"has {f.name} {str(config[f.name])[:80]!r}; expected {expected}"
     return None
 
 
 def load_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(name -> change, config) from a delta directory, every entry checked; never unpickles.
 
-    A config without `tensors_file_sha256` (written before it was recorded) is still read.
+    A config without `tensors_file_sha256` (written before it was recorded) is still read, and
+    so is one of a newer minor version (with a warning; see DeltaConfig.from_dict).
     """
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / TENSORS_FILE).is_file():
@@ -152,8 +263,7 @@ def load_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         config = json.loads((path / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise DeltaError(f"{path / CONFIG_FILE} is not valid JSON ({err})") from None
-    if (problem := _config_problem(config)) is not None:
-        raise DeltaError(f"{path / CONFIG_FILE} {problem}")
+    DeltaConfig.from_dict(config, str(path / CONFIG_FILE))
     data = (path / TENSORS_FILE).read_bytes()  # hashed and parsed from one read
     try:
         tensors = safetensors_load(data)

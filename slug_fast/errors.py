@@ -13,8 +13,10 @@ class NonFiniteError(SlugError):
     """A parameter or gradient holds NaN or Inf."""
 
 
-class CriterionNotReached(SlugError):
-    """The step search spent its budget without the criterion holding; nothing was changed."""
+class CriterionNotReached(Exception):
+    """The step search spent its budget without the criterion holding; nothing was changed.
+
+    An outcome, not bad input: not a SlugError (nor a ValueError), so `except SlugError` does not take it."""
 
     def __init__(self, message: str, searches: list):
         super().__init__(message)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -15,23 +16,22 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import Adapter, GenericAdapter, detect_adapter, get_adapter
+from .config import SlugConfig, Unset, settings_of
 from .delta import save_delta, tensor_spec
 from .edit import LayerEdit
 from .errors import CriterionNotReached, SlugError
 from .replay import DEFAULT_MAX_BYTES, upstream_replay
 from .gradients import GradientPass, Gradients, Loss, resolve_params
-from .memory import (MAX_PREFERRED_PASSES, MODES, MemoryPlan, MemoryReport, PeakMeter, format_bytes, parse_budget,
-                     plan)
+from .memory import MAX_PREFERRED_PASSES, MemoryPlan, MemoryReport, PeakMeter, format_bytes, plan
 from .pareto import (NameRule, deepest, default_towers, group_of, is_eligible, matches, pareto_front,
                      split_towers)
-from .search import Evaluation, SearchResult, check_max_evals, criterion_result, search_step, start_step
+from .search import Evaluation, SearchResult, criterion_result, search_step, start_step
 from .stats import LayerStats
 from .stores import ChunkedStore, FullStore, OffloadStore, layers_of
 
 log = logging.getLogger("slug_fast")
 
 Criterion = Callable[[object], "bool | tuple[bool, dict]"]
-STRATEGIES = ("best", "deepest")
 
 
 @dataclass
@@ -78,6 +78,7 @@ class UnlearnResult:
     memory: MemoryReport | None = None
     # on several processes: {"rank", "world", "partition", "batches" (global counts), "sent" (payload bytes)}
     ranks: dict | None = None
+    config: SlugConfig | None = None  # the settings used, group resolved to the adapter's default
 
     @property
     def writes(self) -> bool:
@@ -107,20 +108,25 @@ class UnlearnResult:
             return None
         meta = {"method": "slug", "layers": self.edited, "target_layers": self.layers, "tower": self.tower,
                 "step": self.step, "relative_change": self.relative_change}
+        if self.config is not None:  # the run's settings (DeltaConfig's fields)
+            meta.update(strategy=self.config.strategy, group=self.config.group, cache=self.config.cache,
+                        max_evals=self.config.max_evals)
+        if self.memory is not None:
+            meta["memory_mode"] = self.memory.mode
         return save_delta(path, self.delta, self.specs, meta)
 
 
-def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
+def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, config: SlugConfig | None = None,
             adapter: str | Adapter | None = None, forget_loss: Loss | None = None,
             retain_loss: Loss | None = None, params: Sequence[str] | None = None,
-            towers: Mapping[str, NameRule] | None = None, tower: str | Sequence[str] | None = None,
-            strategy: str = "best", eligible: Callable[[str, Sequence[int]], bool] = is_eligible,
-            group: bool | None = None, max_evals: int = 10,
+            towers: Mapping[str, NameRule] | None = None, tower: str | Sequence[str] | None = Unset("tower"),
+            strategy: str = Unset("strategy"), eligible: Callable[[str, Sequence[int]], bool] = is_eligible,
+            group: bool | None = Unset("group"), max_evals: int = Unset("max_evals"),
             utility: Callable[[object], float] | None = None, apply: bool = True,
-            progress: bool | None = None, backend: str = "auto", cache: bool | str = True,
-            memory_budget: int | str | None = None, store: str = "auto", passes: int | None = None,
-            checkpointing: bool = False, process_group=None, partition: str = "owner",
-            **adapter_options) -> UnlearnResult:
+            progress: bool | None = None, backend: str = Unset("backend"), cache: bool | str = Unset("cache"),
+            memory_budget: int | str | None = Unset("memory_budget"), store: str = Unset("store"),
+            passes: int | None = Unset("passes"), checkpointing: bool = Unset("checkpointing"), process_group=None,
+            partition: str = Unset("partition"), **adapter_options) -> UnlearnResult:
     """Unlearn with SLUG: edit one layer (or one HF q/k/v or fc1/fc2 group) once along g_f.
 
     model: an open_clip or Hugging Face CLIP model, a diffusers Stable Diffusion pipeline,
@@ -156,34 +162,29 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     rank keeps 1/N of the gradients, reduced during backward) or "replicated" (each rank
     all of them, reduced once per pass); an FSDP2 (fully_shard) model keeps its own
     shards. See slug_fast.distributed.
+    config: a SlugConfig holding the settings (strategy, tower, group, max_evals, cache,
+    backend, memory_budget, store, passes, checkpointing, partition) instead of those keywords;
+    a setting given both ways raises SlugError. result.config records the settings used.
     Raises CriterionNotReached (model untouched) when no candidate meets the criterion.
     """
-    if strategy not in STRATEGIES:
-        raise SlugError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     # every argument is checked before the gradient pass: a typo never costs a pass
-    check_max_evals(max_evals)
+    settings = settings_of(config, dict(
+        strategy=strategy, tower=tower, group=group, max_evals=max_evals, cache=cache, backend=backend,
+        memory_budget=memory_budget, store=store, passes=passes, checkpointing=checkpointing, partition=partition))
+    strategy, tower, group, max_evals = settings.strategy, settings.tower, settings.group, settings.max_evals
+    cache, backend, store, passes = settings.cache, settings.backend, settings.store, settings.passes
+    checkpointing, partition = settings.checkpointing, settings.partition
     if not callable(criterion):
         raise SlugError(f"criterion must be callable, criterion(model) -> bool or (bool, metrics); got "
                         f"{type(criterion).__name__}")
     if utility is not None and not callable(utility):
         raise SlugError(f"utility must be callable, utility(model) -> float; got {type(utility).__name__}")
-    if cache not in (True, False, "linear"):
-        raise SlugError(f"cache must be True, False or 'linear', got {cache!r}")
     if retain is None:
         raise SlugError("SLUG needs a retain set: pass retain batches (generic data to keep)")
-    if store not in MODES:
-        raise SlugError(f"store must be one of {MODES}, got {store!r}")
-    if passes is not None and store != "chunked":
-        raise SlugError(f"passes= sets the chunked store's number of passes; pass store='chunked' with it "
-                        f"(got store={store!r})")
-    budget_spec = parse_budget(memory_budget)
+    budget_spec = settings.budget
     ranks = distributed.resolve(process_group)
     if ranks is not None:
-        if partition not in distributed.PARTITIONS:
-            raise SlugError(f"partition must be one of {distributed.PARTITIONS}, got {partition!r}")
-        if budget_spec is not None or store != "auto" or passes is not None:
-            raise SlugError("memory_budget=, store= and passes= plan one process's gradients; on several processes "
-                            "partition='owner' keeps 1/N of them per rank (or pass process_group=False)")
+        settings.check_several_processes()
         if ranks.rank != 0:
             progress = False
     if adapter is None and detect_adapter(model) is None and not isinstance(model, Adapter):
@@ -304,7 +305,8 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
         "batches": dict(gradient_counts), "sent": dict(ranks.sent)}
     return UnlearnResult(best.layers, user_keys, best.tower, best.search.step, best.relative_change,
                          best.search.trace, candidates, fronts, tower_names, stats, times, delta, specs, apply,
-                         {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name}, report, shared)
+                         {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name}, report, shared,
+                         dataclasses.replace(settings, group=grouped))
 
 
 TIE = 1e-9  # relative: candidates this close in utility or relative change are equal

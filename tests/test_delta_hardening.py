@@ -412,6 +412,9 @@ def test_save_model_refuses_a_path_under_a_file(tmp_path):
     (lambda d, s, m: (d, {**s, "1.bias": {**s["1.bias"], "dtype": "float33"}}, m), "torch dtype name"),
     (lambda d, s, m: (d, s, {"format": "mine"}), r"meta may not set \['format'\]"),
     (lambda d, s, m: (d, s, {"step": object()}), "JSON-serialisable"),
+    (lambda d, s, m: (d, s, {"slug_fast_version": "9"}), r"meta may not set \['slug_fast_version'\]"),
+    (lambda d, s, m: (d, s, {"layers": "0.weight"}), "meta has layers '0.weight'; expected a list of names"),
+    (lambda d, s, m: (d, s, {"max_evals": 0}), "meta has max_evals '0'; expected a positive integer"),
 ])
 def test_save_delta_refuses_bad_input_before_creating_anything(tmp_path, change, match):
     d, s = make_delta(tiny_model())
@@ -440,6 +443,16 @@ def test_save_delta_under_a_file_is_a_delta_error(tmp_path):
     (lambda c: c["tensors"]["0.weight"].pop("base_sha256"), "base_sha256 'None'"),
     (lambda c: c["tensors"]["1.bias"].update(base_sha256=7), "64 lowercase hex"),
     (lambda c: c.update(version=True), "has version True"),
+    (lambda c: c.update(version="1.x"), "has version '1.x'; expected a delta format version such as '1.1'"),
+    (lambda c: c.update(version="3.1"), r"version 3.1, a newer major version than this slug_fast \(.+\) reads: 1.x"),
+    (lambda c: c.update(version=0), r"version 0.0, another major version than this slug_fast \(.+\) reads: 1.x"),
+    (lambda c: c.update(step="1.5"), "has step '1.5'; expected a number"),
+    (lambda c: c.update(layers=["0.weight", 1]), "has layers .*; expected a list of names"),
+    (lambda c: c.update(group=1), "has group '1'; expected true or false"),
+    (lambda c: c.update(cache="all"), "has cache 'all'; expected true, false or 'linear'"),
+    (lambda c: c.update(max_evals=2.0), "has max_evals '2.0'; expected a positive integer"),
+    (lambda c: c.update(strategy=["best"]), r"has strategy \"\['best'\]\"; expected a string"),
+    (lambda c: c.update(slug_fast_version=1), "has slug_fast_version '1'; expected a string"),
     (lambda c: c.update(tensors=[]), "'tensors' table"),
     (lambda c: c.update(tensors={}), "lists no tensors"),
     (lambda c: c.update(tensors_file_sha256=None), "tensors_file_sha256 'None'"),
@@ -529,7 +542,9 @@ def test_fuzzed_deltas_apply_exactly_or_are_refused(tmp_path):
     rng = random.Random(20240716)
     base = tiny_model()
     state = copy.deepcopy(base.state_dict())
-    good = save_delta(tmp_path / "good", *make_delta(base), {"method": "slug", "layers": list(EDITED), "step": 1.5})
+    meta = {"method": "slug", "layers": list(EDITED), "step": 1.5, "strategy": "best", "group": False,
+            "max_evals": 10, "cache": "linear", "memory_mode": "full"}  # the run's settings, as UnlearnResult.save
+    good = save_delta(tmp_path / "good", *make_delta(base), meta)
     data, cfg = (good / TENSORS_FILE).read_bytes(), json.loads((good / CONFIG_FILE).read_text())
     expected = tiny_model()
     slug_fast.apply_delta(expected, good)
