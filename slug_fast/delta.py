@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from .adapters.base import named_parameters_of
 from .edit import LayerEdit
 from .errors import DeltaError, unknown_name
 from .files import check_dir_target, replace_dir, write_atomic, write_json_atomic
+from .parameters import named_parameters_of
 
 FORMAT = "slug_fast.delta"
 # MAJOR.MINOR of delta_config.json. A newer minor only adds keys a delta applies the same way

@@ -1,9 +1,10 @@
-"""Load CLIP models by name for the command line, and save edited ones back.
+"""Load models by name for the command line, and save edited CLIP models back.
 
-open_clip: an architecture name with a pretrained tag or checkpoint file
-("ViT-B-32" + "laion400m_e32"), "hf-hub:org/repo", or a local directory holding
-open_clip_config.json + weights ("local-dir" format). Hugging Face: a hub id
-("openai/clip-vit-base-patch32") or a directory written by save_pretrained.
+Each family's loader is registered in slug_fast.adapters.FAMILIES; the command line's are
+open_clip (an architecture name with a pretrained tag or checkpoint file, "ViT-B-32" +
+"laion400m_e32", "hf-hub:org/repo", or a local directory holding open_clip_config.json +
+weights, the "local-dir" format) and Hugging Face CLIP (a hub id such as
+"openai/clip-vit-base-patch32", or a directory written by save_pretrained).
 """
 from __future__ import annotations
 
@@ -11,54 +12,28 @@ import json
 import os
 from pathlib import Path
 
+from . import adapters
 from .adapters.clip import ClipFamilyAdapter
 from .errors import SlugError
 
 
-def _open_clip_source(model: str, pretrained: str | None) -> str | None:
-    """The open_clip model name to load, or None when `model` is not an open_clip model."""
-    import open_clip
-
-    path = Path(model)
-    if path.is_dir() and (path / "open_clip_config.json").is_file():
-        return f"local-dir:{model}"
-    if model.startswith(("hf-hub:", "local-dir:")) or pretrained is not None or model in open_clip.list_models():
-        return model
-    return None
-
-
 def load_model(model: str, pretrained: str | None = None, device: str = "cpu") -> ClipFamilyAdapter:
-    """An adapter around the model `model` names, with its tokenizer and preprocessing."""
-    name = _open_clip_source(model, pretrained)
-    try:
-        if name is not None:
-            import open_clip
-
-            from .adapters.open_clip import OpenClipAdapter
-
-            clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
-            adapter = OpenClipAdapter(clip.eval(), tokenizer=open_clip.get_tokenizer(name), preprocess=preprocess)
-            adapter.source = {"library": "open_clip", "name": name, "pretrained": pretrained}
-            return adapter
-        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, CLIPModel
-
-        from .adapters.hf_clip import HFClipAdapter
-
-        clip = CLIPModel.from_pretrained(model).to(device).eval()
+    """An adapter around the model `model` names, with its tokenizer and preprocessing: the first
+    family in FAMILIES whose loader takes the name."""
+    for family in adapters.FAMILIES:
         try:
-            adapter = HFClipAdapter(clip, processor=AutoProcessor.from_pretrained(model))
-        except (OSError, ValueError, TypeError):  # no processor config: tokenizer and image processor apart
-            adapter = HFClipAdapter(clip, tokenizer=AutoTokenizer.from_pretrained(model),
-                                    image_processor=AutoImageProcessor.from_pretrained(model))
-        adapter.source = {"library": "transformers", "name": model}
-        return adapter
-    except SlugError:
-        raise
-    except Exception as err:  # the libraries raise many types for a missing or unreadable model
-        kind = "open_clip" if name is not None else "Hugging Face"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SlugError(f"could not load {model!r} as a {kind} model ({first}); give an open_clip name "
-                        "with --pretrained, a Hugging Face id, or a local model directory") from None
+            load = family.loader()
+            adapter = None if load is None else load(model, pretrained, device)
+        except SlugError:
+            raise
+        except Exception as err:  # the libraries raise many types for a missing or unreadable model
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SlugError(f"could not load {model!r} as a {family.name} model ({first}); give an open_clip "
+                            "name with --pretrained, a Hugging Face id, or a local model directory") from None
+        if adapter is not None:
+            return adapter
+    raise SlugError(f"no model family loads {model!r}; give an open_clip name with --pretrained, a Hugging Face "
+                    "id, or a local model directory")
 
 
 def _open_clip_config(source: dict) -> dict:

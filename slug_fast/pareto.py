@@ -12,14 +12,9 @@ from .errors import SlugError
 # A name rule: a prefix string, a compiled regex (searched), or a predicate on the name.
 NameRule = str | re.Pattern | Callable[[str], bool]
 
-# Substrings that make a tensor ineligible by default (shared/SLUG.md).
+# Substrings that make a tensor ineligible by default: SLUG (arXiv 2407.11867) ranks weight layers,
+# not biases, norms, embeddings or the logit scale. Families add their own (Adapter.exclude).
 DEFAULT_EXCLUDE = ("bias", "logit_scale", "position", "embedding", "norm", "ln_")
-
-OPEN_CLIP_TOWERS: dict[str, NameRule] = {"vision": "visual.", "text": lambda n: not n.startswith("visual.")}
-HF_CLIP_TOWERS: dict[str, NameRule] = {
-    "vision": lambda n: n.startswith(("vision_model.", "visual_projection.")),
-    "text": lambda n: n.startswith(("text_model.", "text_projection.")),
-}
 
 
 def pareto_front(alignment, importance, backend: str = "auto") -> list[int]:
@@ -82,15 +77,6 @@ def is_eligible(name: str, shape: Sequence[int], exclude: Sequence[str] = DEFAUL
     return len(shape) >= 2 and not any(word in lowered for word in exclude)
 
 
-def default_towers(names: Sequence[str]) -> dict[str, NameRule]:
-    """open_clip towers (visual.* / rest), HF CLIP towers, else one tower "model"."""
-    if any(n.startswith("visual.") for n in names):
-        return OPEN_CLIP_TOWERS
-    if any(n.startswith("vision_model.") for n in names) and any(n.startswith("text_model.") for n in names):
-        return HF_CLIP_TOWERS
-    return {"model": lambda n: True}
-
-
 def split_towers(names: Sequence[str], towers: Mapping[str, NameRule],
                  allow_empty: bool = False) -> dict[str, list[str]]:
     """tower -> its names (each name goes to the first tower whose rule matches); a tower
@@ -106,23 +92,6 @@ def split_towers(names: Sequence[str], towers: Mapping[str, NameRule],
         raise SlugError(f"tower rule for {empty[0]!r} matches no eligible parameter; "
                         f"eligible names start with: {sorted({n.split('.')[0] for n in names})[:5]}")
     return out
-
-
-# HF CLIP naming: q/k/v projections move together, and so do fc1/fc2.
-_GROUPS = (re.compile(r"^(.*\.)(q|k|v)_proj\.weight$"), re.compile(r"^(.*\.)(fc1|fc2)\.weight$"))
-_GROUP_MEMBERS = (("q", "k", "v"), ("fc1", "fc2"))
-
-
-def group_of(name: str, names: Sequence[str]) -> list[str]:
-    """The layers updated together with `name` (HF q/k/v_proj and fc1/fc2), itself included."""
-    for pattern, members in zip(_GROUPS, _GROUP_MEMBERS):
-        hit = pattern.match(name)
-        if hit:
-            suffix = "_proj.weight" if members[0] == "q" else ".weight"
-            group = [f"{hit.group(1)}{m}{suffix}" for m in members]
-            present = set(names)
-            return [g for g in group if g in present]
-    return [name]
 
 
 def deepest(candidates: Sequence[str], depth_order: Sequence[str]) -> str:

@@ -23,8 +23,7 @@ from .errors import CriterionNotReached, SlugError
 from .replay import DEFAULT_MAX_BYTES, upstream_replay
 from .gradients import GradientPass, Gradients, Loss, resolve_params
 from .memory import MAX_PREFERRED_PASSES, MemoryPlan, MemoryReport, PeakMeter, format_bytes, plan
-from .pareto import (NameRule, deepest, default_towers, group_of, is_eligible, matches, pareto_front,
-                     split_towers)
+from .pareto import NameRule, deepest, matches, pareto_front, split_towers
 from .search import Evaluation, SearchResult, criterion_result, search_step, start_step
 from .stats import LayerStats
 from .stores import ChunkedStore, FullStore, OffloadStore, layers_of
@@ -78,7 +77,7 @@ class UnlearnResult:
     memory: MemoryReport | None = None
     # on several processes: {"rank", "world", "partition", "batches" (global counts), "sent" (payload bytes)}
     ranks: dict | None = None
-    config: SlugConfig | None = None  # the settings used, group resolved to the adapter's default
+    config: SlugConfig | None = None  # the settings used, group None resolved to True
 
     @property
     def writes(self) -> bool:
@@ -120,7 +119,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
             adapter: str | Adapter | None = None, forget_loss: Loss | None = None,
             retain_loss: Loss | None = None, params: Sequence[str] | None = None,
             towers: Mapping[str, NameRule] | None = None, tower: str | Sequence[str] | None = Unset("tower"),
-            strategy: str = Unset("strategy"), eligible: Callable[[str, Sequence[int]], bool] = is_eligible,
+            strategy: str = Unset("strategy"), eligible: Callable[[str, Sequence[int]], bool] | None = None,
             group: bool | None = Unset("group"), max_evals: int = Unset("max_evals"),
             utility: Callable[[object], float] | None = None, apply: bool = True,
             progress: bool | None = None, backend: str = Unset("backend"), cache: bool | str = Unset("cache"),
@@ -198,8 +197,8 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
     names = resolve_params(ad.target, params if params is not None else ad.param_names())
     named = dict(ad.target.named_parameters())
     # only layers that can be chosen are differentiated: no gradient is spent on the rest
-    names = [n for n in names if eligible(n, tuple(named[n].shape))]
-    rules = towers if towers is not None else (ad.towers or default_towers(names))
+    names = [n for n in names if (eligible or ad.eligible)(n, tuple(named[n].shape))]
+    rules = towers if towers is not None else ad.tower_rules(names)
     if tower is not None:
         wanted = [tower] if isinstance(tower, str) else list(tower)
         for t in wanted:
@@ -211,7 +210,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
     if not names:
         raise SlugError("no eligible layer to differentiate; eligible layers have >= 2 dims and none of "
                         "bias/norm/embedding/position/logit_scale in their names")
-    grouped = ad.group if group is None else group
+    grouped = ad.group_of if group is not False else _alone
     device = named[names[0]].device
     meter = PeakMeter(device).start()
     run = GradientPass(ad.target, forget, retain, forget_loss or ad.forget_loss, retain_loss or ad.retain_loss,
@@ -228,7 +227,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
     def keep(seen: LayerStats) -> list[str]:  # the chunked store keeps the running fronts' forget gradients
         fronts_now = _fronts(seen, _usable_by_tower(seen, rules, complete=False), backend)
         wanted = [m for front in fronts_now.values() for n in front
-                  for m in (group_of(n, seen.names) if grouped else [n])]
+                  for m in grouped(n, seen.names)]
         depth = {n: i for i, n in enumerate(run.depth_order or names)}
         return sorted(dict.fromkeys(wanted), key=lambda n: -depth.get(n, -1))
 
@@ -247,7 +246,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
     for t, front in fronts.items():
         chosen = front if strategy == "best" else [deepest(front, grads.depth_order)]
         for name in chosen:
-            layers = group_of(name, usable) if grouped else [name]
+            layers = grouped(name, usable)
             if all(layers != p[1] for p in picks):
                 picks.append((t, layers))
     directions_of = grads.directions([n for _, layers in picks for n in layers])
@@ -306,7 +305,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
     return UnlearnResult(best.layers, user_keys, best.tower, best.search.step, best.relative_change,
                          best.search.trace, candidates, fronts, tower_names, stats, times, delta, specs, apply,
                          {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name}, report, shared,
-                         dataclasses.replace(settings, group=grouped))
+                         dataclasses.replace(settings, group=group is not False))
 
 
 TIE = 1e-9  # relative: candidates this close in utility or relative change are equal
@@ -334,7 +333,7 @@ def _choose(reached: list[Candidate]) -> Candidate:
     return next(c for c in pool if near(c.relative_change, smallest))
 
 
-def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, passes: int | None, grouped: bool,
+def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, passes: int | None, grouped: Callable,
                  device: torch.device) -> tuple[MemoryPlan, int | None, int | None]:
     """The gradient store's plan, the measured activation bytes of one batch and the full
     store's predicted peak (both None when no plan was needed: the full store without a
@@ -351,13 +350,17 @@ def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, p
     for name in probe.use_order[::-1]:  # deepest first, HF q/k/v and fc1/fc2 never split
         if name in seen:
             continue
-        members = [m for m in (group_of(name, names) if grouped else [name]) if m not in seen]
+        members = [m for m in grouped(name, names) if m not in seen]
         seen.update(members)
         units.append(layers_of(run, sorted(members, key=position.get)))
     sizes = dict(activations=probe.activation_bytes, largest_activation=probe.largest_activation,
                  forward_transient=probe.forward_transient, device=device)
     chosen = plan(units, budget=budget, mode=store, passes=passes, **sizes)
     return chosen, probe.activation_bytes, plan(units, budget=None, mode="full", **sizes).predicted_peak
+
+
+def _alone(name: str, names: Sequence[str]) -> list[str]:  # group=False: every layer moves alone
+    return [name]
 
 
 def _store_for(memory_plan: MemoryPlan, keep, backend: str):

@@ -15,9 +15,11 @@ from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionC
 import slug_fast
 from slug_fast.adapters import get_adapter
 from slug_fast.adapters.hf_clip import HFClipAdapter
-from slug_fast.adapters.llava import (LlavaAdapter, answer_loss, answer_rate, match_vision_towers, mentions,
-                                     vision_tower_of)
+from slug_fast.adapters.llava import LlavaAdapter, answer_loss, match_vision_towers, vision_tower_of
+from slug_fast.data import split_by_concept
 from slug_fast.errors import SlugError
+from slug_fast.eval import answer_rate, generate_answers, mentions
+from slug_fast.pareto import is_eligible
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:", "who", "is", "this", "?", "what",
          "color", "alice", "bob", "red", "green", "blue", "a", "photo", "of"]
@@ -221,6 +223,17 @@ def test_mentions_matches_whole_words_ignoring_case():
     assert not mentions("malice", "alice") and not mentions("alicent", "alice") and not mentions("", "alice")
 
 
+def test_answers_and_captions_name_a_concept_by_the_same_rule():
+    # answer -> whether it names "Elon Musk" (by hand): any spacing between the words, whole words, any case
+    answers = {"Elon  Musk": True, "It is elon\nmusk.": True, "ELON MUSK": True, "Elon\tMusk's car": True,
+               "Elon Muskrat": False, "Musk": False, "elon-musk": False, "Elon Musk": True}
+    for expected in ("Elon Musk", "Elon  Musk", " elon musk "):
+        assert {a: mentions(a, expected) for a in answers} == answers, expected
+        image = torch.zeros(3, 2, 2)
+        forget = split_by_concept([(image, a) for a in answers], expected).forget.captions
+        assert forget == [a for a, hit in answers.items() if hit]  # captions: the same verdicts
+
+
 def test_vlm_mode_forgets_the_name_and_edits_one_vision_tensor(trained, tokenizer, tmp_path):
     model = trained_llava(trained)
     forget, retain = qa_items()
@@ -384,3 +397,45 @@ def test_vlm_mode_allocates_vision_tower_gradients_only(trained, tokenizer, stor
     assert result.memory.checkpointing is checkpointing and result.memory.mode == store
     assert all(flags == [checkpointing] * len(layers) for flags in seen_training)  # the LM layers recompute
     assert not any(m.training for m in model.modules())
+
+
+def test_the_language_models_embeddings_and_head_are_never_candidates(tokenizer):
+    model = tiny_llava()
+    ad = LlavaAdapter(model, tokenizer=tokenizer)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    lm = [n for n in shapes if n.endswith("embed_tokens.weight") or n.startswith("lm_head.")]
+    assert len(lm) == 2 and all(is_eligible(n, shapes[n]) for n in lm)  # the generic rule alone keeps them
+    assert not any(ad.eligible(n, shapes[n]) for n in lm)
+    # the rest of the model: the generic rule, by hand (>= 2 dims, no bias/norm/embedding/... word)
+    assert all(ad.eligible(n, shapes[n]) == is_eligible(n, shapes[n]) for n in shapes if n not in lm)
+
+    forget, retain = qa_items()
+    tower = ad.used_tower_names()
+    decoder = [n for n in shapes if ".layers.0.self_attn.q_proj.weight" in n and not n.startswith(TOWER)]
+    assert len(decoder) == 1  # a language-model layer that stays a candidate
+    result = slug_fast.unlearn(model, ad.make_qa_batches(forget, 4), ad.make_qa_batches(retain, 8),
+                               lambda m: (True, {}), tokenizer=tokenizer, params=[*tower, *decoder, *lm],
+                               apply=False, progress=False)
+    assert set(result.stats.names) == {n for n in [*tower, *decoder] if is_eligible(n, shapes[n])}
+
+
+def test_answering_and_tracing_the_tower_leave_modes_and_flags_as_they_were(tokenizer):
+    model = tiny_llava()
+    model.train()
+    model.model.vision_tower.eval()  # mixed modes: each submodule's own must come back
+    frozen = next(n for n, _ in model.named_parameters() if n.startswith(TOWER) and n.endswith("q_proj.weight"))
+    dict(model.named_parameters())[frozen].requires_grad_(False)
+    modes = {n: m.training for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    seen = []
+    hook = model.model.language_model.layers[0].register_forward_hook(lambda m, i, o: seen.append(m.training))
+    ad = LlavaAdapter(model, tokenizer=tokenizer)
+    assert frozen in ad.used_tower_names()  # traced with every tower tensor requiring grad
+    forget, _ = qa_items()
+    answers = generate_answers(ad, forget[:2], max_new_tokens=2)
+    hook.remove()
+    assert len(answers) == 2 and seen and not any(seen)  # generated in eval mode
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    with pytest.raises(SlugError, match=r"each item is \(image, question, expected_answer\) with a non-empty"):
+        answer_rate(ad, [(forget[0][0], WHO, " ")])

@@ -19,8 +19,9 @@ from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextMod
 
 import slug_fast  # noqa: E402
 from slug_fast.adapters.hf_clip import HFClipAdapter  # noqa: E402
-from slug_fast.adapters.stable_diffusion import StableDiffusionAdapter, generate_and_score  # noqa: E402
+from slug_fast.adapters.stable_diffusion import StableDiffusionAdapter  # noqa: E402
 from slug_fast.errors import SlugError  # noqa: E402
+from slug_fast.eval import generate_and_score  # noqa: E402
 
 HIDDEN, SIZE, MAX_LEN = 32, 32, 16
 FORGET_CAPTION = "a cat"

@@ -1,14 +1,22 @@
-"""Adapter detection, the CLIP-family losses against library oracles, and HF CLIP end to end."""
+"""Adapter detection and the registry, each family's towers and groups, the CLIP-family losses
+against library oracles, and HF CLIP end to end."""
+import ast
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import slug_fast
-from slug_fast.adapters import GenericAdapter, detect_adapter, get_adapter
+from slug_fast.adapters import FAMILIES, Adapter, GenericAdapter, detect_adapter, get_adapter
 from slug_fast.adapters.hf_clip import HFClipAdapter
+from slug_fast.adapters.llava import LlavaAdapter
 from slug_fast.adapters.open_clip import OpenClipAdapter
+from slug_fast.adapters.stable_diffusion import StableDiffusionAdapter
 from slug_fast.errors import SlugError
+from slug_fast.loading import load_model
+from slug_fast.pareto import split_towers
 
 WORDS = "a photo of the digit zero one two three four five six seven eight nine cat dog car".split()
 
@@ -159,3 +167,114 @@ def test_generic_adapter_with_user_losses():
     with torch.no_grad():
         assert net(xf)[:, 0].mean().item() < before - 0.5
     assert result.to_dict()["backends"]["adapter"] == "generic" and len(result.layers) == 1
+
+
+def hf_groups_by_hand(name: str, names) -> list[str]:
+    """q/k/v_proj weights of a block together, fc1/fc2 weights together, else alone (string surgery)."""
+    head, _, leaf = name.rpartition(".")
+    block, _, kind = head.rpartition(".")
+    families = (["q_proj", "k_proj", "v_proj"], ["fc1", "fc2"])
+    members = next((f for f in families if kind in f), None) if leaf == "weight" else None
+    return [n for n in (f"{block}.{m}.weight" for m in members) if n in names] if members else [name]
+
+
+def test_each_family_declares_its_towers_and_groups(digits_model):
+    ad = get_adapter(digits_model)
+    names = [n for n, p in digits_model.named_parameters() if ad.eligible(n, tuple(p.shape))]
+    towers = split_towers(names, ad.tower_rules(names))
+    assert towers == {"vision": [n for n in names if n.startswith("visual.")],
+                      "text": [n for n in names if not n.startswith("visual.")]}
+    assert all(ad.group_of(n, names) == [n] for n in names)  # open_clip: every layer alone
+
+    hf = HFClipAdapter(tiny_hf_clip())
+    names = [n for n, p in hf.target.named_parameters() if hf.eligible(n, tuple(p.shape))]
+    towers = split_towers(names, hf.tower_rules(names))
+    assert towers == {"vision": [n for n in names if n.startswith(("vision_model.", "visual_projection."))],
+                      "text": [n for n in names if n.startswith(("text_model.", "text_projection."))]}
+    assert sum(map(len, towers.values())) == len(names)
+    groups = {n: hf.group_of(n, names) for n in names}
+    assert groups == {n: hf_groups_by_hand(n, names) for n in names}
+    assert sum(len(g) == 3 for g in groups.values()) == 3 * 4 and sum(len(g) == 2 for g in groups.values()) == 2 * 4
+    q = next(n for n in names if n.endswith("q_proj.weight"))
+    partial = [n for n in names if not n.endswith("k_proj.weight")]
+    assert hf.group_of(q, partial) == [q, q.replace("q_proj", "v_proj")]  # only the members present
+    # the Stable Diffusion and LLaVA adapters edit transformers CLIP towers: the same groups
+    assert StableDiffusionAdapter.group_of is HFClipAdapter.group_of is LlavaAdapter.group_of
+    assert Adapter(torch.nn.Linear(2, 2)).group_of(q, names) == [q]
+
+
+def test_generic_adapter_towers_from_the_names_or_one_tower(digits_model):
+    def towers_of(model, **options):
+        ad = GenericAdapter(model, **options)
+        names = [n for n, p in model.named_parameters() if ad.eligible(n, tuple(p.shape))]
+        return split_towers(names, ad.tower_rules(names))
+
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    assert towers_of(plain) == {"model": ["0.weight", "1.weight"]}
+    assert towers_of(plain, towers={"first": "0.", "last": "1."}) == {"first": ["0.weight"], "last": ["1.weight"]}
+    # names of a CLIP family (checked by hand above): that family's towers
+    assert towers_of(digits_model) == split_towers(list(towers_of(digits_model, towers={"all": ""})["all"]),
+                                                   OpenClipAdapter.towers)
+    hf = tiny_hf_clip()
+    assert towers_of(hf) == split_towers(towers_of(hf, towers={"all": ""})["all"], HFClipAdapter.towers)
+    with pytest.raises(SlugError, match="the generic adapter has no tower 'vision'; towers: \\['model'\\]"):
+        GenericAdapter(plain).tower_params("vision")
+    assert GenericAdapter(plain).tower_params("model") == list(plain.parameters())
+
+
+def test_the_registry_names_detects_and_builds_every_family(digits_model):
+    assert [f.name for f in FAMILIES] == ["generic", "open_clip", "hf_clip", "stable_diffusion", "llava"]
+    assert all(f.adapter_class().name == f.name for f in FAMILIES)
+    assert isinstance(get_adapter(digits_model, "generic"), GenericAdapter)
+    assert isinstance(get_adapter(tiny_hf_clip(), "hf_clip", tokenizer=word_tokenizer()), HFClipAdapter)
+    with pytest.raises(SlugError, match=r"unknown adapter 'keras'; choose one of \['generic', 'hf_clip', 'llava', "
+                                        r"'open_clip', 'stable_diffusion'\]"):
+        get_adapter(digits_model, "keras")
+
+    hf = tiny_hf_clip()
+
+    class Wrapped(type(hf)):  # a subclass of a family's model class is that family's too
+        pass
+    assert detect_adapter(Wrapped(hf.config)) == "hf_clip"
+
+
+def test_load_model_reads_a_hugging_face_directory_through_the_registry(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    model, tok = tiny_hf_clip(seed=3), word_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(tmp_path / "m")
+    ad = load_model(str(tmp_path / "m"))
+    assert isinstance(ad, HFClipAdapter) and ad.source == {"library": "transformers", "name": str(tmp_path / "m")}
+    loaded = dict(ad.model.named_parameters())
+    assert all(torch.equal(p, loaded[n]) for n, p in model.named_parameters())
+    assert torch.equal(ad.tokens(["a photo of the cat"])["input_ids"], tok(["a photo of the cat"],
+                                                                            return_tensors="pt")["input_ids"])
+    with pytest.raises(SlugError, match=r"could not load '.*missing' as a hf_clip model"):
+        load_model(str(tmp_path / "missing"))
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute names of the slug_fast modules a source file imports, lazy imports included."""
+    package = "slug_fast." + ".".join(path.relative_to(Path(slug_fast.__file__).parent).parent.parts)
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rstrip(".").split(".")
+            base = base[:len(base) - node.level + 1] if node.level else []
+            module = ".".join([*base, *(node.module or "").split(".")]).strip(".")
+            out |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return {m for m in out if m.startswith("slug_fast")}
+
+
+def test_no_module_imports_a_layer_above_it():
+    root = Path(slug_fast.__file__).parent
+    for path in (root / "adapters").glob("*.py"):
+        assert not {m for m in imported_modules(path) if m.startswith("slug_fast.eval")}, path.name
+    for name in ("pareto.py", "parameters.py", "delta.py", "modes.py"):
+        assert not {m for m in imported_modules(root / name) if m.startswith("slug_fast.adapters")}, name
+    assert "slug_fast.adapters.base" in imported_modules(root / "adapters" / "llava.py")  # the parser resolves
+    assert "slug_fast.modes.training_state" in imported_modules(root / "eval" / "zero_shot.py")

@@ -13,8 +13,8 @@ from slug_fast.adapters import get_adapter
 from slug_fast.adapters.clip import ClipFamilyAdapter
 from slug_fast.errors import SlugError
 from slug_fast.eval import (ZeroShotClassifier, clip_membership_inference, clip_sample_scores, concept_accuracy,
-                            concept_criterion, membership_inference, plot_similarity, similarity_change,
-                            similarity_matrix, zero_shot_accuracy)
+                            concept_criterion, encode_images, encode_texts, membership_inference, plot_similarity,
+                            similarity_change, similarity_matrix, zero_shot_accuracy)
 
 NAMES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
 # Two templates whose embeddings differ in norm (2x and 1x) and lean opposite ways on an extra axis:
@@ -89,6 +89,29 @@ def images_with_ranks(labels, ranks, gen):
         order = others[:r] + [y] + others[r:]
         out[i, order] = values
     return out
+
+
+def test_encoding_runs_in_eval_mode_and_restores_each_submodules_own_mode():
+    model = StubClip()
+    model.train()
+    model.text_proj.eval()  # mixed modes: each comes back as it was
+    seen = []
+
+    class Watching(StubAdapter):
+        def encode_pixels(self, module, pixels):
+            seen.append([m.training for m in module.modules()])
+            return super().encode_pixels(module, pixels)
+
+        def encode_tokens(self, module, tokens):
+            seen.append([m.training for m in module.modules()])
+            return super().encode_tokens(module, tokens)
+
+    ad = Watching(model)
+    encode_images(ad, torch.eye(DIM)[:3], batch_size=2)
+    encode_texts(ad, ["a photo of alpha.", "{}, drawn.".format("bravo")])
+    clip_sample_scores(ad, [(torch.eye(DIM)[i], f"a photo of {NAMES[i]}.") for i in range(3)], batch_size=2)
+    assert len(seen) == 2 + 1 + 2 * 2 and not any(any(modes) for modes in seen)  # every encode in eval mode
+    assert [m.training for m in model.modules()] == [True, True, False]
 
 
 def test_zero_shot_accuracy_is_the_known_answer(gen):

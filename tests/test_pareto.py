@@ -6,7 +6,7 @@ import torch
 
 import slug_fast
 from slug_fast.errors import SlugError
-from slug_fast.pareto import default_towers, deepest, group_of, is_eligible, split_towers
+from slug_fast.pareto import deepest, is_eligible, split_towers
 
 from conftest import available
 
@@ -83,21 +83,15 @@ def test_eligibility_follows_slug_rules():
     assert not is_eligible("visual.proj", (64,))
 
 
-def test_towers_groups_and_depth():
+def test_split_towers_and_depth():
     names = ["visual.a.weight", "visual.b.weight", "transformer.c.weight", "text_projection"]
-    towers = split_towers(names, default_towers(names))
+    towers = split_towers(names, {"vision": "visual.", "text": lambda n: True})  # first matching rule wins
     assert towers == {"vision": ["visual.a.weight", "visual.b.weight"],
                       "text": ["transformer.c.weight", "text_projection"]}
     assert split_towers(names, {"v": re.compile(r"\.b\."), "rest": lambda n: True})["v"] == ["visual.b.weight"]
     with pytest.raises(SlugError, match="tower rule for 'audio' matches no eligible parameter"):
         split_towers(names, {"audio": "audio.", "all": lambda n: True})
-    hf = ["vision_model.encoder.layers.0.self_attn.q_proj.weight", "vision_model.encoder.layers.0.self_attn.k_proj.weight",
-          "vision_model.encoder.layers.0.self_attn.v_proj.weight", "vision_model.encoder.layers.0.mlp.fc1.weight",
-          "vision_model.encoder.layers.0.mlp.fc2.weight", "text_model.encoder.layers.0.self_attn.out_proj.weight"]
-    assert default_towers(hf) == slug_fast.pareto.HF_CLIP_TOWERS
-    assert group_of(hf[1], hf) == hf[:3]
-    assert group_of(hf[4], hf) == hf[3:5]
-    assert group_of(hf[5], hf) == [hf[5]]
+    assert split_towers(names, {"audio": "audio.", "all": lambda n: True}, allow_empty=True)["audio"] == []
     assert deepest(["b", "a"], ["a", "b", "c"]) == "b"
 
 

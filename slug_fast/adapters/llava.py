@@ -9,7 +9,6 @@ commit and the delta all act on the LLaVA model.
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlugError
+from ..modes import training_state
+from ..pareto import DEFAULT_EXCLUDE
 from .base import MIRROR_PREFIX, Adapter
 from .clip import stack_images
 from .hf_clip import HFClipAdapter
@@ -116,7 +117,8 @@ def match_vision_towers(tower_names: Sequence[str], clip_names: Sequence[str]) -
 
 
 class LlavaAdapter(Adapter):
-    """LLaVA: one tower, "vision" (the CLIP vision tower); q/k/v_proj and fc1/fc2 move together.
+    """LLaVA: one tower, "vision" (the CLIP vision tower); q/k/v_proj and fc1/fc2 move together;
+    the language model's token embeddings and output head are never candidates, even named in params=.
 
     mode="vlm": batches from `make_qa_batches` ((image, question, answer) triples); the loss
     is the mean next-token cross-entropy on the answer tokens.
@@ -128,7 +130,8 @@ class LlavaAdapter(Adapter):
     """
 
     name = "llava"
-    group = True
+    group_of = HFClipAdapter.group_of  # the tower is a transformers CLIP vision tower
+    exclude = (*DEFAULT_EXCLUDE, "embed_tokens", "lm_head")  # LLaMA's names for them
 
     def __init__(self, model: nn.Module, *, mode: str = "vlm", clip_model: nn.Module | None = None,
                  processor=None, tokenizer=None, image_processor=None, clip_tokenizer=None,
@@ -198,22 +201,14 @@ class LlavaAdapter(Adapter):
         h, w = size if isinstance(size, (tuple, list)) else (size, size)
         first = next(self.tower.parameters())
         blank = torch.zeros(1, getattr(vcfg, "num_channels", 3), h, w, dtype=first.dtype, device=first.device)
-        named = dict(self.tower.named_parameters())
-        flags = {n: p.requires_grad for n, p in named.items()}
-        try:
-            for p in named.values():
-                p.requires_grad_(True)
-            with torch.enable_grad():
-                out = self.model.get_image_features(
-                    pixel_values=blank, vision_feature_layer=cfg.vision_feature_layer,
-                    vision_feature_select_strategy=cfg.vision_feature_select_strategy)
-                feats = out if isinstance(out, torch.Tensor) else getattr(out, "pooler_output", out)
-                if not isinstance(feats, torch.Tensor):
-                    feats = torch.cat([f.flatten() for f in feats])
-                grads = torch.autograd.grad(feats.float().sum(), list(named.values()), allow_unused=True)
-        finally:
-            for n, p in named.items():
-                p.requires_grad_(flags[n])
+        with training_state(self.tower, requires_grad=True) as named, torch.enable_grad():
+            out = self.model.get_image_features(
+                pixel_values=blank, vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+            feats = out if isinstance(out, torch.Tensor) else getattr(out, "pooler_output", out)
+            if not isinstance(feats, torch.Tensor):
+                feats = torch.cat([f.flatten() for f in feats])
+            grads = torch.autograd.grad(feats.float().sum(), list(named.values()), allow_unused=True)
         used = [self.tower_prefix + n for n, g in zip(named, grads) if g is not None]
         if not used:
             raise SlugError("the LLaVA image features depend on no vision tower parameter; "
@@ -311,7 +306,8 @@ class LlavaAdapter(Adapter):
             raise SlugError("the model's config has no image_token_id / image_token_index")
         return int(token)
 
-    def _need_tokenizer(self):
+    def need_tokenizer(self):
+        """The LLaVA tokenizer, or a SlugError saying how to pass one."""
         if self.tokenizer is None:
             raise SlugError("LLaVA inputs need the model's tokenizer: pass processor= (LlavaProcessor) or "
                             "tokenizer= (with the image token added)")
@@ -347,11 +343,11 @@ class LlavaAdapter(Adapter):
             token = getattr(owner, "image_token", None)
             if isinstance(token, str):
                 return token
-        return self._need_tokenizer().convert_ids_to_tokens(self.image_token_id)
+        return self.need_tokenizer().convert_ids_to_tokens(self.image_token_id)
 
     def prompt_ids(self, question: str, pixel_values: torch.Tensor) -> list[int]:
         """Token ids of the prompt for one image, its image token repeated image_token_count times."""
-        tok = self._need_tokenizer()
+        tok = self.need_tokenizer()
         text = self.prompt.format(image=self._image_token_text(), question=question)
         ids = list(tok(text)["input_ids"])
         image_id = self.image_token_id
@@ -361,7 +357,7 @@ class LlavaAdapter(Adapter):
                             "exactly 1: add the image token to the tokenizer as a special token, or pass processor=")
         return ids[:at[0]] + [image_id] * self.image_token_count(pixel_values) + ids[at[0] + 1:]
 
-    def _prompt(self, image, question: str) -> tuple[list[int], torch.Tensor]:
+    def prompt_inputs(self, image, question: str) -> tuple[list[int], torch.Tensor]:
         """(prompt ids, pixel values) for one image; a LlavaProcessor (if given) handles PIL images."""
         if self.processor is not None and not isinstance(image, torch.Tensor):
             text = self.prompt.format(image=self._image_token_text(), question=question)
@@ -372,7 +368,7 @@ class LlavaAdapter(Adapter):
         return self.prompt_ids(question, pixels), pixels
 
     def _answer_ids(self, answer: str, eos: bool) -> list[int]:
-        tok = self._need_tokenizer()
+        tok = self.need_tokenizer()
         ids = list(tok(answer, add_special_tokens=False)["input_ids"])
         if not ids:
             raise SlugError(f"answer {answer!r} tokenizes to no tokens; answers must be non-empty text")
@@ -380,8 +376,9 @@ class LlavaAdapter(Adapter):
             ids.append(tok.eos_token_id)
         return ids
 
-    def _pad_id(self) -> int:
-        tok = self._need_tokenizer()
+    def pad_id(self) -> int:
+        """The id that pads batches and generation: the tokenizer's pad token, else its EOS, else 0."""
+        tok = self.need_tokenizer()
         for pad in (tok.pad_token_id, tok.eos_token_id):
             if pad is not None:
                 return int(pad)
@@ -402,12 +399,12 @@ class LlavaAdapter(Adapter):
             if not isinstance(item, (tuple, list)) or len(item) != 3:
                 raise SlugError(f"each item is (image, question, answer); got {type(item).__name__} "
                                 f"of length {len(item) if isinstance(item, (tuple, list)) else '?'}")
-        pad = self._pad_id()
+        pad = self.pad_id()
         out = []
         for start in range(0, len(items), batch_size):
             rows, pixels = [], []
             for image, question, answer in items[start:start + batch_size]:
-                prompt, px = self._prompt(image, question)
+                prompt, px = self.prompt_inputs(image, question)
                 rows.append((prompt, self._answer_ids(answer, eos)))
                 pixels.append(px)
             length = max(len(p) + len(a) for p, a in rows)
@@ -422,46 +419,6 @@ class LlavaAdapter(Adapter):
             out.append({"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
                         "pixel_values": torch.stack(pixels), "labels": labels.to(self.device)})
         return out
-
-    # --- evaluation
-    @torch.no_grad()
-    def generate_answers(self, items: Sequence[tuple], *, max_new_tokens: int = 16,
-                         batch_size: int = 8) -> list[str]:
-        """Greedy answers to (image, question, ...) items, in order (the model runs in eval mode)."""
-        tok = self._need_tokenizer()
-        prompts = [self._prompt(item[0], item[1]) for item in items]
-        by_length: dict[int, list[int]] = {}
-        for i, (ids, _) in enumerate(prompts):
-            by_length.setdefault(len(ids), []).append(i)  # equal lengths: no padding to get wrong
-        answers: list[str] = [""] * len(items)
-        modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        try:
-            for length, members in by_length.items():
-                for start in range(0, len(members), batch_size):
-                    chunk = members[start:start + batch_size]
-                    ids = torch.tensor([prompts[i][0] for i in chunk], device=self.device)
-                    out = self.model.generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids),
-                        pixel_values=torch.stack([prompts[i][1] for i in chunk]),
-                        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                        pad_token_id=self._pad_id())
-                    for i, row in zip(chunk, out[:, length:]):
-                        answers[i] = tok.decode(row, skip_special_tokens=True).strip()
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
-        return answers
-
-    def answer_rate(self, items: Sequence[tuple], *, max_new_tokens: int = 16, batch_size: int = 8) -> dict:
-        """See `answer_rate`."""
-        items = list(items)
-        if not items:
-            raise SlugError("no (image, question, expected_answer) items to evaluate")
-        answers = self.generate_answers(items, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        hits = [mentions(a, item[2]) for a, item in zip(answers, items)]
-        return {"rate": 100.0 * sum(hits) / len(items), "hits": sum(hits), "total": len(items),
-                "answers": answers}
 
 
 def _supports_logits_to_keep(module: nn.Module) -> bool:
@@ -487,26 +444,3 @@ def answer_loss(module: nn.Module, batch: dict) -> torch.Tensor:
     else:
         logits = module(**inputs, use_cache=False).logits[:, keep]
     return F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE)
-
-
-def mentions(answer: str, expected: str) -> bool:
-    """Whether `expected` occurs in `answer` as whole words, ignoring case."""
-    pattern = r"(?<!\w)" + re.escape(expected.strip()) + r"(?!\w)"
-    return re.search(pattern, answer, flags=re.IGNORECASE) is not None
-
-
-def answer_rate(model_or_adapter, items: Sequence[tuple], *, max_new_tokens: int = 16, batch_size: int = 8,
-                processor=None, tokenizer=None, image_processor=None, prompt: str = DEFAULT_PROMPT) -> dict:
-    """Greedy answers to (image, question, expected_answer) items and how often the expected text
-    appears in them (case-insensitive, whole words).
-
-    Returns {"rate": percent, "hits", "total", "answers"}. Forget accuracy: items whose
-    expected answer is the forgotten name; retain accuracy: items with their correct answers.
-    A LlavaAdapter brings its own processor/tokenizer and prompt; a model needs them passed.
-    """
-    if isinstance(model_or_adapter, LlavaAdapter):
-        ad = model_or_adapter
-    else:
-        ad = LlavaAdapter(model_or_adapter, processor=processor, tokenizer=tokenizer,
-                          image_processor=image_processor, prompt=prompt)
-    return ad.answer_rate(items, max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -1,11 +1,12 @@
 """open_clip models (`open_clip.create_model_and_transforms`, custom configs included)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 
-from ..pareto import OPEN_CLIP_TOWERS
+from ..pareto import NameRule
 from .clip import ClipFamilyAdapter, stack_images
 
 
@@ -17,7 +18,7 @@ class OpenClipAdapter(ClipFamilyAdapter):
     """
 
     name = "open_clip"
-    towers = OPEN_CLIP_TOWERS
+    towers: Mapping[str, NameRule] = {"vision": "visual.", "text": lambda n: not n.startswith("visual.")}
 
     def __init__(self, model, tokenizer=None, preprocess=None):
         super().__init__(model)
@@ -52,3 +53,30 @@ class OpenClipAdapter(ClipFamilyAdapter):
             from open_clip.tokenizer import SimpleTokenizer
             self.tokenizer = SimpleTokenizer(context_length=getattr(self.model, "context_length", 77))
         return self.tokenizer(list(texts)).to(self.device)
+
+
+def _source(model: str, pretrained: str | None) -> str | None:
+    """The open_clip model name to load, or None when `model` is not an open_clip model."""
+    import open_clip
+
+    path = Path(model)
+    if path.is_dir() and (path / "open_clip_config.json").is_file():
+        return f"local-dir:{model}"
+    if model.startswith(("hf-hub:", "local-dir:")) or pretrained is not None or model in open_clip.list_models():
+        return model
+    return None
+
+
+def load(model: str, pretrained: str | None = None, device: str = "cpu") -> OpenClipAdapter | None:
+    """The adapter around the open_clip model `model` names (an architecture with a pretrained tag
+    or checkpoint file, "hf-hub:org/repo", or a local directory with open_clip_config.json),
+    with its tokenizer and preprocessing; None when `model` names no open_clip model."""
+    name = _source(model, pretrained)
+    if name is None:
+        return None
+    import open_clip
+
+    clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    adapter = OpenClipAdapter(clip.eval(), tokenizer=open_clip.get_tokenizer(name), preprocess=preprocess)
+    adapter.source = {"library": "open_clip", "name": name, "pretrained": pretrained}
+    return adapter

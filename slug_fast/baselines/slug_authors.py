@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters import named_parameters_of
 from ..errors import SlugError
-from ..pareto import default_towers, group_of, is_eligible, split_towers
+from ..parameters import named_parameters_of
+from ..pareto import is_eligible, split_towers
 from ..search import criterion_result, search_step, start_step
 from .harness import (BaselineResult, Check, Criterion, SettingRecord, TrainingMode, progress_bar, reiterable,
                       resolve_adapter, trainable_names)
@@ -131,7 +131,7 @@ def slug_authors(model, forget: Iterable, retain: Iterable, criterion: Criterion
     usable = [n for n in names if eligible(n, tuple(named[n].shape)) and stats[n][2] > 0]
     if not usable:
         raise SlugError("no eligible layer has a nonzero forget gradient")
-    rules = towers if towers is not None else (ad.towers or default_towers(usable))
+    rules = towers if towers is not None else ad.tower_rules(usable)
     tower_names = split_towers(usable, rules)
     if tower is not None:
         wanted = [tower] if isinstance(tower, str) else list(tower)
@@ -143,11 +143,11 @@ def slug_authors(model, forget: Iterable, retain: Iterable, criterion: Criterion
     for t, members in tower_names.items():
         front = authors_pareto([stats[n][3] for n in members], [stats[n][2] for n in members])
         fronts[t] = [members[i] for i in front]
-    grouped = ad.group if group is None else group
+    grouped = group is not False
     picks: list[tuple[str, list[str]]] = []
     for t, front in fronts.items():
         for name in front:
-            layers = group_of(name, usable) if grouped else [name]
+            layers = ad.group_of(name, usable) if grouped else [name]
             if all(layers != p[1] for p in picks):
                 picks.append((t, layers))
     setup_seconds = time.perf_counter() - t_start

@@ -4,7 +4,11 @@
   accuracy on a labelled test set, and a ready criterion for slug_fast.unlearn.
 - mia: membership inference (forget vs held-out, by loss and by image-text distance).
 - similarity: image-text cosine matrix, before/after numbers, a PNG plot.
+- generation: text-to-image pipelines, their images classified zero-shot (Stable Diffusion).
+- answers: a LLaVA model's greedy answers and how often they name the expected answer.
 """
+from .answers import answer_rate, generate_answers, mentions
+from .generation import generate_and_score
 from .mia import MIAResult, SampleScores, clip_membership_inference, clip_sample_scores, membership_inference
 from .similarity import SimilarityWatch, plot_similarity, similarity_change, similarity_matrix
 from .zero_shot import (IDENTITY_TEMPLATES, OBJECT_TEMPLATES, TowerCache, ZeroShotClassifier, concept_accuracy,
@@ -12,7 +16,7 @@ from .zero_shot import (IDENTITY_TEMPLATES, OBJECT_TEMPLATES, TowerCache, ZeroSh
 
 __all__ = [
     "IDENTITY_TEMPLATES", "MIAResult", "OBJECT_TEMPLATES", "SampleScores", "SimilarityWatch", "TowerCache", "ZeroShotClassifier",
-    "clip_membership_inference", "clip_sample_scores", "concept_accuracy", "concept_criterion", "encode_images",
-    "encode_texts", "membership_inference", "plot_similarity", "similarity_change", "similarity_matrix",
-    "zero_shot_accuracy",
+    "answer_rate", "clip_membership_inference", "clip_sample_scores", "concept_accuracy", "concept_criterion",
+    "encode_images", "encode_texts", "generate_and_score", "generate_answers", "membership_inference", "mentions",
+    "plot_similarity", "similarity_change", "similarity_matrix", "zero_shot_accuracy",
 ]

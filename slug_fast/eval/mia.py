@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SlugError
-from .zero_shot import check_adapter, eval_mode
+from ..modes import training_state
+from .zero_shot import check_adapter
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def clip_sample_scores(adapter, pairs: Sequence[tuple], batch_size: int = 32) ->
         raise SlugError("no pairs to score; pass (image, caption) pairs")
     module = adapter.target
     images, texts = [], []
-    with eval_mode(module):
+    with training_state(module, train=False):
         for batch in adapter.make_batches(pairs, batch_size):
             image, text = adapter.embed(module, batch)
             images.append(image.float().cpu())

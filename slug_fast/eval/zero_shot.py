@@ -9,7 +9,6 @@ vision tower.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 
 from ..adapters.clip import ClipFamilyAdapter
 from ..errors import SlugError, unknown_name
+from ..modes import training_state
 
 # Identities, as in the authors' CelebA evaluation ("{}.") plus common CLIP phrasings.
 IDENTITY_TEMPLATES = ("{}.", "a photo of {}.", "a portrait of {}.", "a close-up photo of {}.", "an image of {}.")
@@ -34,18 +34,6 @@ def check_adapter(adapter) -> ClipFamilyAdapter:
     return adapter
 
 
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module):
-    """Run `module` in eval mode (no dropout), restoring each submodule's mode afterwards."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def _count(images) -> int:
     return images.shape[0] if isinstance(images, torch.Tensor) else len(images)
 
@@ -57,7 +45,7 @@ def encode_images(adapter: ClipFamilyAdapter, images, batch_size: int = 64) -> t
         raise SlugError("no images to encode")
     if batch_size < 1:
         raise SlugError(f"batch_size must be at least 1, got {batch_size}")
-    with eval_mode(adapter.target):
+    with training_state(adapter.target, train=False):
         return torch.cat([adapter.image_features(images[i:i + batch_size]).float() for i in range(0, n, batch_size)])
 
 
@@ -68,7 +56,7 @@ def encode_texts(adapter: ClipFamilyAdapter, texts: Sequence[str], batch_size: i
         raise SlugError("no texts to encode")
     if batch_size < 1:
         raise SlugError(f"batch_size must be at least 1, got {batch_size}")
-    with eval_mode(adapter.target):
+    with training_state(adapter.target, train=False):
         return torch.cat([adapter.text_features(texts[i:i + batch_size]).float()
                           for i in range(0, len(texts), batch_size)])
 
