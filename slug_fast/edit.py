@@ -12,8 +12,9 @@ from .errors import NonFiniteError, SlugError, unknown_name
 
 
 def axpy_reference(out: torch.Tensor, base: torch.Tensor, direction: torch.Tensor, step: float) -> None:
-    """The oracle update: out = cast(base + step * direction), computed in float32 (float64)."""
-    compute = torch.float64 if out.dtype == torch.float64 else torch.float32
+    """The oracle update: out = cast(base + step * direction), computed in float32 (float64
+    when `out` or `direction` is float64)."""
+    compute = torch.float64 if torch.float64 in (out.dtype, direction.dtype) else torch.float32
     scaled = torch.tensor(step, dtype=compute, device=out.device) * direction.to(compute)
     out.copy_(base.to(compute) + scaled)
 
@@ -21,7 +22,7 @@ def axpy_reference(out: torch.Tensor, base: torch.Tensor, direction: torch.Tenso
 def axpy(out: torch.Tensor, base: torch.Tensor, direction: torch.Tensor, step: float,
          backend: str = "auto") -> str:
     """out = cast(base + step * direction) on the best backend for the device; returns its name."""
-    if not (out.is_contiguous() and base.is_contiguous() and direction.is_contiguous()):
+    if not (out.is_contiguous() and base.is_contiguous() and direction.is_contiguous()) or _wider(out, direction):
         backend = "torch"
     chosen = _backends.choose("axpy", out.device, backend)
     if chosen == "torch":
@@ -31,17 +32,22 @@ def axpy(out: torch.Tensor, base: torch.Tensor, direction: torch.Tensor, step: f
     return chosen
 
 
+def _wider(out: torch.Tensor, direction: torch.Tensor) -> bool:
+    """A float64 direction on a narrower tensor: computed in float64, which only torch does."""
+    return direction.dtype == torch.float64 and out.dtype != torch.float64
+
+
 class LayerEdit:
     """Context manager that edits `directions`' parameters in place, transactionally.
 
     `model` is an nn.Module, or a mapping name -> tensor for tensors of several modules.
-    `step(lam)` sets theta = theta0 + lam * d (in float32 from theta0, cast to the
-    parameter's dtype; never accumulated step over step); `commit()` keeps the
-    current value. Leaving the block without commit, by any path, restores theta0
-    bit-exactly. Only the edited tensors are copied, never the model. An FSDP2 parameter
-    (a DTensor) is edited in this rank's shard, with a direction that is a DTensor sharded
-    the same way or already that shard; both version counters move, so caches keyed on
-    either see the edit.
+    `step(lam)` sets theta = theta0 + lam * d (in float32 from theta0, float64 for float64
+    parameters or directions, cast to the parameter's dtype; never accumulated step over
+    step); `commit()` keeps the current value. Leaving the block without commit, by any
+    path, restores theta0 bit-exactly. Only the edited tensors are copied, never the model.
+    An FSDP2 parameter (a DTensor) is edited in this rank's shard, with a direction that is
+    a DTensor sharded the same way or already that shard; both version counters move, so
+    caches keyed on either see the edit.
 
         with LayerEdit(model, {"visual.proj": g}) as edit:
             edit.step(0.5)
@@ -132,8 +138,9 @@ class LayerEdit:
                 by_device.setdefault(p.device, []).append(name)
             for device, names in by_device.items():
                 tensors = [(self._params[n].data, self._theta0[n], self._directions[n]) for n in names]
-                contiguous = all(t.is_contiguous() for triple in tensors for t in triple)
-                if contiguous and _backends.choose("axpy", device, self.backend) == "triton":
+                plain = all(t.is_contiguous() for triple in tensors for t in triple) and \
+                    not any(_wider(out, d) for out, _, d in tensors)
+                if plain and _backends.choose("axpy", device, self.backend) == "triton":
                     # a grouped edit (HF q/k/v) in one launch
                     _backends.module("triton").axpy_many(*map(list, zip(*tensors)), step)
                     self.used_backend = "triton"

@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import Adapter, GenericAdapter, detect_adapter, get_adapter
+from .choice import (best_candidate, check_strategy, fronts_of, in_towers, select_candidates, tower_rules,
+                     usable_by_tower, usable_layers)
 from .delta import save_delta, tensor_spec
 from .edit import LayerEdit
 from .errors import CriterionNotReached, SlugError
@@ -22,8 +24,7 @@ from .fastsearch import DEFAULT_MAX_BYTES, upstream_replay
 from .gradients import GradientPass, Gradients, Loss, resolve_params
 from .memory import (MAX_PREFERRED_PASSES, MODES, MemoryPlan, MemoryReport, PeakMeter, format_bytes, parse_budget,
                      plan)
-from .pareto import (NameRule, deepest, default_towers, group_of, is_eligible, matches, pareto_front,
-                     split_towers)
+from .pareto import NameRule, group_of, is_eligible, pareto_front
 from .search import Evaluation, SearchResult, check_max_evals, criterion_result, search_step, start_step
 from .stats import LayerStats
 from .stores import ChunkedStore, FullStore, OffloadStore, layers_of
@@ -31,7 +32,6 @@ from .stores import ChunkedStore, FullStore, OffloadStore, layers_of
 log = logging.getLogger("slug_fast")
 
 Criterion = Callable[[object], "bool | tuple[bool, dict]"]
-STRATEGIES = ("best", "deepest")
 
 
 @dataclass
@@ -158,8 +158,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     shards. See slug_fast.distributed.
     Raises CriterionNotReached (model untouched) when no candidate meets the criterion.
     """
-    if strategy not in STRATEGIES:
-        raise SlugError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    check_strategy(strategy)
     # every argument is checked before the gradient pass: a typo never costs a pass
     check_max_evals(max_evals)
     if not callable(criterion):
@@ -198,15 +197,9 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     named = dict(ad.target.named_parameters())
     # only layers that can be chosen are differentiated: no gradient is spent on the rest
     names = [n for n in names if eligible(n, tuple(named[n].shape))]
-    rules = towers if towers is not None else (ad.towers or default_towers(names))
-    if tower is not None:
-        wanted = [tower] if isinstance(tower, str) else list(tower)
-        for t in wanted:
-            if t not in rules:
-                raise SlugError(f"tower {t!r} not found; towers: {list(rules)}")
-        rules = {t: rules[t] for t in wanted}
-        if params is None:  # only the chosen towers' gradients are needed: the rest are never computed
-            names = [n for n in names if any(matches(rule, n) for rule in rules.values())]
+    rules = tower_rules(towers, ad.towers, names, tower)
+    if tower is not None and params is None:  # only the chosen towers' gradients are computed
+        names = in_towers(names, rules)
     if not names:
         raise SlugError("no eligible layer to differentiate; eligible layers have >= 2 dims and none of "
                         "bias/norm/embedding/position/logit_scale in their names")
@@ -241,14 +234,8 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     stats = grads.layer_stats(backend)
     tower_names = _usable_by_tower(stats, rules)
     fronts = _fronts(stats, tower_names, backend)
-    usable = [n for i, n in enumerate(stats.names) if stats.importance[i] > 0]
-    picks: list[tuple[str, list[str]]] = []
-    for t, front in fronts.items():
-        chosen = front if strategy == "best" else [deepest(front, grads.depth_order)]
-        for name in chosen:
-            layers = group_of(name, usable) if grouped else [name]
-            if all(layers != p[1] for p in picks):
-                picks.append((t, layers))
+    picks = select_candidates(fronts, strategy, usable_layers(stats.names, stats.importance.tolist()), grouped,
+                              grads.depth_order)
     directions_of = grads.directions([n for _, layers in picks for n in layers])
     passes_run, final_pass = gradient_store.passes, gradient_store.final_pass
     gradient_counts = getattr(gradient_store, "counts", {})
@@ -275,7 +262,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
         raise CriterionNotReached(f"the criterion never held within {max_evals} evaluations per layer "
                                   f"({summary}); the model is unchanged. Raise max_evals or relax the "
                                   "criterion", [c.search for c in candidates])
-    best = _choose(reached)
+    best = best_candidate(reached)
 
     distributed.reshard(ad.target)
     targets = ad.edit_params(best.layers)
@@ -305,31 +292,6 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *,
     return UnlearnResult(best.layers, user_keys, best.tower, best.search.step, best.relative_change,
                          best.search.trace, candidates, fronts, tower_names, stats, times, delta, specs, apply,
                          {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name}, report, shared)
-
-
-TIE = 1e-9  # relative: candidates this close in utility or relative change are equal
-
-
-def _choose(reached: list[Candidate]) -> Candidate:
-    """The candidate with the highest utility (NaN ranks last), then the smallest relative
-    change; the first in search order among equals. Equal up to TIE, not bit for bit: every
-    search starts at the same relative change and halves or doubles it, so candidates that
-    stop at the same point tie exactly in exact arithmetic, and rounding must not pick the
-    winner (it would differ between one process and several)."""
-    def near(a: float, b: float) -> bool:
-        return abs(a - b) <= TIE * max(abs(a), abs(b))
-
-    pool = reached
-    if all(c.utility is not None for c in pool):
-        undefined = [c.layers for c in pool if math.isnan(c.utility)]
-        if undefined:
-            log.warning("utility is NaN for %s; those candidates rank last", undefined)
-        defined = [c for c in pool if not math.isnan(c.utility)]
-        if defined:
-            top = max(c.utility for c in defined)
-            pool = [c for c in defined if near(c.utility, top)]
-    smallest = min(c.relative_change for c in pool)
-    return next(c for c in pool if near(c.relative_change, smallest))
 
 
 def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, passes: int | None, grouped: bool,
@@ -367,24 +329,16 @@ def _store_for(memory_plan: MemoryPlan, keep, backend: str):
 
 
 def _usable_by_tower(stats: LayerStats, rules, complete: bool = True) -> dict[str, list[str]]:
-    """Layers with a nonzero forget gradient, per tower (every tower must have one when complete)."""
-    usable = [n for i, n in enumerate(stats.names) if stats.importance[i] > 0]
-    if complete and not usable:
-        raise SlugError("no eligible layer has a nonzero forget gradient; eligible layers have >= 2 dims "
-                        "and none of bias/norm/embedding/position/logit_scale in their names")
-    return split_towers(usable, rules, allow_empty=not complete)
+    return usable_by_tower(stats.names, stats.importance.tolist(), rules, complete)
 
 
 def _fronts(stats: LayerStats, tower_names: Mapping[str, list[str]], backend: str) -> dict[str, list[str]]:
     """The Pareto front of each tower among its usable layers."""
-    fronts: dict[str, list[str]] = {}
-    for t, members in tower_names.items():
-        if not members:
-            continue
+    def front(members: list[str]) -> list[int]:
         idx = [stats.index(n) for n in members]
-        front = pareto_front(stats.alignment[idx], stats.importance[idx], backend=backend)
-        fronts[t] = [members[i] for i in front]
-    return fronts
+        return pareto_front(stats.alignment[idx], stats.importance[idx], backend=backend)
+
+    return fronts_of(tower_names, front)
 
 
 def _edit_inputs(targets: Mapping[str, tuple], directions: Mapping[str, torch.Tensor]):
