@@ -128,15 +128,15 @@ TRAINING: dict[str, TrainingSpec] = {spec.name: spec for spec in (
                  weights=lambda hyper: (0.0, 1.0), defaults={"lr": 1e-4}, grid={"lr": [1e-4, 1e-3, 1e-2]}),
     TrainingSpec("ga", "ascent on the forget loss (loss = -forget_loss), one forget batch per step; the retain "
                  "set is unused",
-                 weights=lambda hyper: (1.0, 0.0), defaults={"lr": 1e-4}, grid={"lr": LRS}),
+                 weights=lambda hyper: (1.0, 0.0), defaults={"lr": 1e-4}, grid={"lr": list(LRS)}),
     TrainingSpec("gaft", "retain_weight * retain_loss(retain batch) - forget_loss(forget batch), one step each",
                  weights=_gaft_weights, defaults={"lr": 1e-4, "retain_weight": 1.0},
-                 grid={"lr": LRS, "retain_weight": [0.5, 1.0, 2.0]}),
+                 grid={"lr": list(LRS), "retain_weight": [0.5, 1.0, 2.0]}),
     TrainingSpec("salun", "GAFT steps on the top `ratio` of the trainable weights by |g_f| (the mean forget-loss "
                  "gradient at the original weights, computed once): the other weights' gradients are zeroed, so "
                  "they never move (Adam without weight decay leaves a weight whose gradient is always 0 "
                  "bit-exactly unchanged)",
                  weights=_gaft_weights, defaults={"lr": 1e-4, "retain_weight": 1.0},
-                 grid={"lr": LRS, "retain_weight": [0.5, 1.0, 2.0]}, label="SalUn", setup=saliency_setup,
+                 grid={"lr": list(LRS), "retain_weight": [0.5, 1.0, 2.0]}, label="SalUn", setup=saliency_setup,
                  options={"ratio": DEFAULT_RATIO}),
 )}
