@@ -14,10 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+from .baselines.training import TRAINING
 from .errors import SlugError
 from .files import replace_dir, write_atomic, write_json_atomic
 
-METHODS = ("slug", "slug-authors", "ft", "ga", "gaft", "salun", "ssd")
+METHODS = ("slug", "slug-authors", *TRAINING, "ssd")
 
 
 def run_method(method: str, concept: str, *, epochs: int | None = None, seed: int = 0) -> dict:

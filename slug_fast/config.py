@@ -13,12 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ._backends import BACKENDS
+from .choice import check_strategy
 from .distributed import PARTITIONS
 from .errors import SlugError
 from .memory import MODES, Budget, parse_budget
 from .search import check_max_evals
-
-STRATEGIES = ("best", "deepest")
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,7 @@ class SlugConfig:
     partition: str = "owner"
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise SlugError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        check_strategy(self.strategy)
         if self.tower is not None:
             towers = [self.tower] if isinstance(self.tower, str) else self.tower
             if not isinstance(towers, Sequence) or not towers or not all(isinstance(t, str) for t in towers):

@@ -37,25 +37,30 @@ def pair_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, se
     return [(images[i:i + batch_size], tokens[i:i + batch_size]) for i in range(0, len(labels), batch_size)]
 
 
-@torch.no_grad()
-def accuracies(model, data: digits.DigitsData, label: int, text: torch.Tensor | None = None,
-               image: torch.Tensor | None = None) -> dict:
-    """Zero-shot accuracies (percent) on held-out images: of the forgotten digit, and of the rest.
+def digit_classifier(model):
+    """slug_fast.eval's zero-shot classifier of `model` over the ten digit names and the caption templates."""
+    from .adapters import get_adapter
+    from .eval.zero_shot import ZeroShotClassifier
 
-    `text` (class weights) and `image` (normalised test-image features) may come from caches.
+    return ZeroShotClassifier(get_adapter(model, tokenizer=digits.tokenize), digits.DIGIT_NAMES, digits.TEMPLATES)
+
+
+@torch.no_grad()
+def accuracies(model, data: digits.DigitsData, label: int, classifier=None,
+               features: torch.Tensor | None = None) -> dict:
+    """Zero-shot accuracies (percent) on held-out images: of the forgotten digit, and of the rest
+    (all their images pooled).
+
+    `classifier` (digit_classifier(model)) and `features` (the test images' normalised
+    features) may come from caches.
     """
+    classifier = digit_classifier(model) if classifier is None else classifier
+    hits = classifier.hits(data.test_labels, (1, 5), images=data.test_images if features is None else None,
+                           features=features, batch_size=len(data.test_labels))
     is_forget = data.test_labels == label
-    text = digits.class_text_features(model) if text is None else text
-    if image is None:
-        logits = digits.zero_shot_logits(model, data.test_images, text)
-    else:
-        logits = model.logit_scale.exp() * image @ text.T
-    top5 = logits.topk(5, dim=-1).indices
-    hit1 = top5[:, 0] == data.test_labels
-    hit5 = (top5 == data.test_labels[:, None]).any(-1)
     pct = lambda hits: round(100.0 * hits.double().mean().item(), 4)  # noqa: E731
-    return {"forget_top1": pct(hit1[is_forget]), "forget_top5": pct(hit5[is_forget]),
-            "retain_top1": pct(hit1[~is_forget]), "retain_top5": pct(hit5[~is_forget])}
+    return {"forget_top1": pct(hits[1][is_forget]), "forget_top5": pct(hits[5][is_forget]),
+            "retain_top1": pct(hits[1][~is_forget]), "retain_top5": pct(hits[5][~is_forget])}
 
 
 @dataclass
@@ -85,22 +90,17 @@ class DemoTask:
         and image features are cached and recomputed only when their tower changed."""
         if model is not None and model is not self.model:
             return accuracies(model, self.data, self.label)
-        text, image = self._caches
-        return accuracies(self.model, self.data, self.label, text.get(), image.get())
+        classifier, images = self._caches
+        return accuracies(self.model, self.data, self.label, classifier, images.get())
 
     @functools.cached_property
     def _caches(self):
-        from .adapters import get_adapter
-        from .eval.zero_shot import TowerCache
+        from .eval.zero_shot import TowerCache, encode_images
 
-        adapter = get_adapter(self.model, tokenizer=digits.tokenize)
-
-        @torch.no_grad()
-        def images():
-            return torch.nn.functional.normalize(self.model.encode_image(self.data.test_images), dim=-1)
-
-        return (TowerCache(adapter, "text", lambda: digits.class_text_features(self.model)),
-                TowerCache(adapter, "vision", images))
+        classifier = digit_classifier(self.model)
+        images = self.data.test_images
+        return classifier, TowerCache(classifier.adapter, "vision",
+                                      lambda: encode_images(classifier.adapter, images, len(images)))
 
     def mia(self, model=None) -> dict:
         """Membership inference of the digit's training images vs its held-out ones (percent;

@@ -12,8 +12,9 @@ from .errors import NonFiniteError, SlugError, unknown_name
 
 
 def axpy_reference(out: torch.Tensor, base: torch.Tensor, direction: torch.Tensor, step: float) -> None:
-    """The oracle update: out = cast(base + step * direction), computed in float32 (float64)."""
-    compute = torch.float64 if out.dtype == torch.float64 else torch.float32
+    """The oracle update: out = cast(base + step * direction), computed in float32 (float64
+    when `out` or `direction` is float64)."""
+    compute = torch.float64 if torch.float64 in (out.dtype, direction.dtype) else torch.float32
     scaled = torch.tensor(step, dtype=compute, device=out.device) * direction.to(compute)
     out.copy_(base.to(compute) + scaled)
 
@@ -22,22 +23,27 @@ def axpy(out: torch.Tensor, base: torch.Tensor, direction: torch.Tensor, step: f
          backend: str = "auto") -> str:
     """out = cast(base + step * direction) through slug_fast::axpy_into (the kernel of the
     device) or the reference; returns the backend used."""
-    if not (out.is_contiguous() and base.is_contiguous() and direction.is_contiguous()):
+    if not (out.is_contiguous() and base.is_contiguous() and direction.is_contiguous()) or _wider(out, direction):
         backend = "torch"
     return _backends.run("axpy_into", out.device, backend, axpy_reference, out, base, direction, float(step))[1]
+
+
+def _wider(out: torch.Tensor, direction: torch.Tensor) -> bool:
+    """A float64 direction on a narrower tensor: computed in float64, which only torch does."""
+    return direction.dtype == torch.float64 and out.dtype != torch.float64
 
 
 class LayerEdit:
     """Context manager that edits `directions`' parameters in place, transactionally.
 
     `model` is an nn.Module, or a mapping name -> tensor for tensors of several modules.
-    `step(lam)` sets theta = theta0 + lam * d (in float32 from theta0, cast to the
-    parameter's dtype; never accumulated step over step); `commit()` keeps the
-    current value. Leaving the block without commit, by any path, restores theta0
-    bit-exactly. Only the edited tensors are copied, never the model. An FSDP2 parameter
-    (a DTensor) is edited in this rank's shard, with a direction that is a DTensor sharded
-    the same way or already that shard; both version counters move, so caches keyed on
-    either see the edit.
+    `step(lam)` sets theta = theta0 + lam * d (in float32 from theta0, float64 for float64
+    parameters or directions, cast to the parameter's dtype; never accumulated step over
+    step); `commit()` keeps the current value. Leaving the block without commit, by any
+    path, restores theta0 bit-exactly. Only the edited tensors are copied, never the model.
+    An FSDP2 parameter (a DTensor) is edited in this rank's shard, with a direction that is
+    a DTensor sharded the same way or already that shard; both version counters move, so
+    caches keyed on either see the edit.
 
         with LayerEdit(model, {"visual.proj": g}) as edit:
             edit.step(0.5)

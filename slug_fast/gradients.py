@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from .errors import EmptySetError, NonFiniteError, SlugError, unknown_name
+from .modes import training_state
 
 Loss = Callable[[torch.nn.Module, object], torch.Tensor]
 SETS = ("forget", "retain")
@@ -250,27 +251,14 @@ class GradientPass:
 
     @contextlib.contextmanager
     def prepared(self):
-        model = self.model
-        wanted = set(self.names)
-        modes = {m: m.training for m in model.modules()}
-        flags = {n: p.requires_grad for n, p in self.named.items()}
-        old_grads = {n: p.grad for n, p in self.named.items()}
         fastpath = torch.backends.mha.get_fastpath_enabled()
-        try:
-            model.train(self.train_mode)
-            for n, p in self.named.items():
-                p.requires_grad_(n in wanted)
-                p.grad = None
-            torch.backends.mha.set_fastpath_enabled(False)
-            with (self.checkpointing() if self.checkpointing is not None else contextlib.nullcontext()):
-                yield
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-            for n, p in self.named.items():
-                p.requires_grad_(flags[n])
-                p.grad = old_grads[n]
-            for m, mode in modes.items():
-                m.training = mode
+        with training_state(self.model, train=self.train_mode, requires_grad=set(self.names), clear_grads=True):
+            try:
+                torch.backends.mha.set_fastpath_enabled(False)
+                with (self.checkpointing() if self.checkpointing is not None else contextlib.nullcontext()):
+                    yield
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
 
     def check_unchanged(self) -> None:
         """Refuse to run again once a differentiated tensor changed since the first run."""
@@ -424,10 +412,6 @@ class Gradients:
     def directions(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Forget gradients (each layer's dtype) of `names`."""
         return self.store.directions(list(names))
-
-    def nbytes(self) -> int:
-        """Bytes of gradients the store holds now."""
-        return self.store.nbytes()
 
 
 def compute_gradients(model: torch.nn.Module, forget_batches: Iterable, retain_batches: Iterable | None,

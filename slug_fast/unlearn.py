@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import Adapter, GenericAdapter, detect_adapter, get_adapter
+from .choice import (GroupOf, best_candidate, fronts_of, group_rule, in_towers, select_candidates, tower_rules,
+                     usable_by_tower, usable_layers)
 from .config import SlugConfig, Unset, settings_of
 from .delta import save_delta, tensor_spec
 from .edit import LayerEdit
@@ -23,7 +25,7 @@ from .errors import CriterionNotReached, SlugError
 from .replay import DEFAULT_MAX_BYTES, upstream_replay
 from .gradients import GradientPass, Gradients, Loss, resolve_params
 from .memory import MAX_PREFERRED_PASSES, MemoryPlan, MemoryReport, PeakMeter, format_bytes, plan
-from .pareto import NameRule, deepest, matches, pareto_front, split_towers
+from .pareto import NameRule, pareto_front
 from .search import Evaluation, SearchResult, criterion_result, search_step, start_step
 from .stats import LayerStats
 from .stores import ChunkedStore, FullStore, OffloadStore, layers_of
@@ -198,19 +200,13 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
     named = dict(ad.target.named_parameters())
     # only layers that can be chosen are differentiated: no gradient is spent on the rest
     names = [n for n in names if (eligible or ad.eligible)(n, tuple(named[n].shape))]
-    rules = towers if towers is not None else ad.tower_rules(names)
-    if tower is not None:
-        wanted = [tower] if isinstance(tower, str) else list(tower)
-        for t in wanted:
-            if t not in rules:
-                raise SlugError(f"tower {t!r} not found; towers: {list(rules)}")
-        rules = {t: rules[t] for t in wanted}
-        if params is None:  # only the chosen towers' gradients are needed: the rest are never computed
-            names = [n for n in names if any(matches(rule, n) for rule in rules.values())]
+    rules = tower_rules(towers, ad, names, tower)
+    if tower is not None and params is None:  # only the chosen towers' gradients are computed
+        names = in_towers(names, rules)
     if not names:
         raise SlugError("no eligible layer to differentiate; eligible layers have >= 2 dims and none of "
                         "bias/norm/embedding/position/logit_scale in their names")
-    grouped = ad.group_of if group is not False else _alone
+    grouped = group_rule(ad, group)
     device = named[names[0]].device
     meter = PeakMeter(device).start()
     run = GradientPass(ad.target, forget, retain, forget_loss or ad.forget_loss, retain_loss or ad.retain_loss,
@@ -241,14 +237,8 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
     stats = grads.layer_stats(backend)
     tower_names = _usable_by_tower(stats, rules)
     fronts = _fronts(stats, tower_names, backend)
-    usable = [n for i, n in enumerate(stats.names) if stats.importance[i] > 0]
-    picks: list[tuple[str, list[str]]] = []
-    for t, front in fronts.items():
-        chosen = front if strategy == "best" else [deepest(front, grads.depth_order)]
-        for name in chosen:
-            layers = grouped(name, usable)
-            if all(layers != p[1] for p in picks):
-                picks.append((t, layers))
+    picks = select_candidates(fronts, strategy, usable_layers(stats.names, stats.importance.tolist()), grouped,
+                              grads.depth_order)
     directions_of = grads.directions([n for _, layers in picks for n in layers])
     passes_run, final_pass = gradient_store.passes, gradient_store.final_pass
     gradient_counts = getattr(gradient_store, "counts", {})
@@ -275,7 +265,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
         raise CriterionNotReached(f"the criterion never held within {max_evals} evaluations per layer "
                                   f"({summary}); the model is unchanged. Raise max_evals or relax the "
                                   "criterion", [c.search for c in candidates])
-    best = _choose(reached)
+    best = best_candidate(reached)
 
     distributed.reshard(ad.target)
     targets = ad.edit_params(best.layers)
@@ -308,32 +298,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
                          dataclasses.replace(settings, group=group is not False))
 
 
-TIE = 1e-9  # relative: candidates this close in utility or relative change are equal
-
-
-def _choose(reached: list[Candidate]) -> Candidate:
-    """The candidate with the highest utility (NaN ranks last), then the smallest relative
-    change; the first in search order among equals. Equal up to TIE, not bit for bit: every
-    search starts at the same relative change and halves or doubles it, so candidates that
-    stop at the same point tie exactly in exact arithmetic, and rounding must not pick the
-    winner (it would differ between one process and several)."""
-    def near(a: float, b: float) -> bool:
-        return abs(a - b) <= TIE * max(abs(a), abs(b))
-
-    pool = reached
-    if all(c.utility is not None for c in pool):
-        undefined = [c.layers for c in pool if math.isnan(c.utility)]
-        if undefined:
-            log.warning("utility is NaN for %s; those candidates rank last", undefined)
-        defined = [c for c in pool if not math.isnan(c.utility)]
-        if defined:
-            top = max(c.utility for c in defined)
-            pool = [c for c in defined if near(c.utility, top)]
-    smallest = min(c.relative_change for c in pool)
-    return next(c for c in pool if near(c.relative_change, smallest))
-
-
-def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, passes: int | None, grouped: Callable,
+def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, passes: int | None, grouped: GroupOf,
                  device: torch.device) -> tuple[MemoryPlan, int | None, int | None]:
     """The gradient store's plan, the measured activation bytes of one batch and the full
     store's predicted peak (both None when no plan was needed: the full store without a
@@ -359,10 +324,6 @@ def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, p
     return chosen, probe.activation_bytes, plan(units, budget=None, mode="full", **sizes).predicted_peak
 
 
-def _alone(name: str, names: Sequence[str]) -> list[str]:  # group=False: every layer moves alone
-    return [name]
-
-
 def _store_for(memory_plan: MemoryPlan, keep, backend: str):
     if memory_plan.mode == "chunked":
         return ChunkedStore(groups=memory_plan.groups, keep=keep, keep_bytes=memory_plan.keep_bytes, backend=backend)
@@ -372,26 +333,18 @@ def _store_for(memory_plan: MemoryPlan, keep, backend: str):
 
 
 def _usable_by_tower(stats: LayerStats, rules, complete: bool = True) -> dict[str, list[str]]:
-    """Layers with a nonzero forget gradient, per tower (every tower must have one when complete)."""
-    usable = [n for i, n in enumerate(stats.names) if stats.importance[i] > 0]
-    if complete and not usable:
-        raise SlugError("no eligible layer has a nonzero forget gradient; eligible layers have >= 2 dims "
-                        "and none of bias/norm/embedding/position/logit_scale in their names")
-    return split_towers(usable, rules, allow_empty=not complete)
+    return usable_by_tower(stats.names, stats.importance.tolist(), rules, complete)
 
 
 def _fronts(stats: LayerStats, tower_names: Mapping[str, list[str]], backend: str) -> dict[str, list[str]]:
     """The Pareto front of each tower among its usable layers."""
-    fronts: dict[str, list[str]] = {}
-    for t, members in tower_names.items():
-        if not members:
-            continue
+    def front(members: list[str]) -> list[int]:
         idx = [stats.index(n) for n in members]
         # host values: the front's one kernel is the CPU one, whatever backend the tensors use
-        front_backend = "torch" if backend == "torch" else "auto"
-        front = pareto_front(stats.alignment[idx], stats.importance[idx], backend=front_backend)
-        fronts[t] = [members[i] for i in front]
-    return fronts
+        return pareto_front(stats.alignment[idx], stats.importance[idx],
+                            backend="torch" if backend == "torch" else "auto")
+
+    return fronts_of(tower_names, front)
 
 
 def _edit_inputs(targets: Mapping[str, tuple], directions: Mapping[str, torch.Tensor]):

@@ -350,3 +350,153 @@ def test_generic_module_and_non_finite_loss_stop_the_setting():
                             epochs=3, optimizer="sgd", forget_loss=forget_loss, retain_loss=retain_loss, apply=False,
                             progress=False)
     assert one_shot.options["ignored"] == ["epochs", "optimizer"] and one_shot.reached
+
+
+# ----------------------------------------------------------------------------- SLUG's rules, written once
+class Blocks(torch.nn.Module):
+    """Two blocks with Hugging Face names (q/k/v_proj, fc1/fc2, grouped by group=True) and a head, float64."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        parts = ("q_proj", "k_proj", "v_proj", "fc1", "fc2")
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({k: torch.nn.Linear(6, 6) for k in parts})
+                                          for _ in range(2))
+        self.head = torch.nn.Linear(6, 1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) / 2)
+        self.double()
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + torch.tanh(b["q_proj"](x)) * torch.sigmoid(b["k_proj"](x)) + 0.5 * b["v_proj"](x)
+            x = x + b["fc2"](torch.relu(b["fc1"](x)))
+        return self.head(x).squeeze(-1)
+
+
+def mse(model, batch):
+    x, y = batch
+    return (model(x) - y).square().mean()
+
+
+def blocks_task():
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 6, generator=gen, dtype=torch.float64),
+                torch.randn(8, generator=gen, dtype=torch.float64)) for _ in range(5)]
+    forget, retain = batches[:2], batches[2:]
+    with torch.no_grad():
+        forget0 = sum(mse(Blocks(), b).item() for b in forget)
+
+    def criterion(model):
+        with torch.no_grad():
+            lf = sum(mse(model, b).item() for b in forget)
+            lr = sum(mse(model, b).item() for b in retain)
+        return lf >= 2 * forget0, {"forget_loss": lf, "utility": -lr}
+    return forget, retain, criterion
+
+
+TWO_TOWERS = {"early": "blocks.0.", "late": lambda n: not n.startswith("blocks.0.")}
+OVERLAPPING = {"early": "blocks.0.", "all": lambda n: True}  # "all" restricted alone keeps blocks.0 too
+
+
+@pytest.mark.parametrize("options", [{}, {"strategy": "deepest"}, {"group": True},
+                                     {"group": True, "strategy": "deepest", "towers": TWO_TOWERS},
+                                     {"towers": TWO_TOWERS}, {"towers": OVERLAPPING, "tower": "all"},
+                                     {"towers": TWO_TOWERS, "tower": "late", "group": True},
+                                     {"utility": "nan-first"}, {"utility": "tied"}],
+                         ids=["best", "deepest", "group", "group-deepest", "towers", "overlapping-tower",
+                              "one-tower-grouped", "nan-utility", "tied-utility"])
+def test_slug_authors_and_unlearn_choose_alike(options):
+    """Same inputs, same method: the same fronts, candidates, verdicts, chosen layers and step
+    (slug-authors' statistics are its own, so steps agree to rounding)."""
+    forget, retain, criterion = blocks_task()
+    options, first = dict(options), None
+    if options.get("utility") == "nan-first":
+        first = next(c for c in slug_fast.unlearn(Blocks(), forget, retain, criterion, forget_loss=mse,
+                                                  retain_loss=mse, apply=False, progress=False).candidates
+                     if c.search.reached).layers
+        original = params_of(Blocks())
+
+        def utility(model):  # NaN while the first reached candidate is edited: it must rank last in both
+            edited = any(not torch.equal(p.detach(), original[n]) for n, p in model.named_parameters()
+                         if n in first)
+            return float("nan") if edited else criterion(model)[1]["utility"]
+        options["utility"] = utility
+    elif options.get("utility") == "tied":  # every candidate ties: the smallest relative change, then the first
+        options["utility"] = lambda model: 1.0
+    ours = slug_fast.unlearn(Blocks(), forget, retain, criterion, forget_loss=mse, retain_loss=mse, apply=False,
+                             progress=False, **options)
+    model = Blocks()
+    theirs = slug_authors(model, forget, retain, criterion, forget_loss=mse, retain_loss=mse, progress=False,
+                          **options)
+    assert theirs.details["fronts"] == ours.fronts
+    assert [(s.hyper["tower"], s.hyper["layers"]) for s in theirs.settings] == \
+        [(c.tower, c.layers) for c in ours.candidates]
+    for cand, setting in zip(ours.candidates, theirs.settings):
+        assert [e.satisfied for e in cand.search.trace] == [c.satisfied for c in setting.trace]
+        if cand.search.reached:
+            assert setting.details["step"] == pytest.approx(cand.search.step, rel=1e-9)
+    if options.get("strategy") != "deepest":
+        assert sum(c.search.reached for c in ours.candidates) >= 2  # a choice was made among several
+    assert theirs.best.hyper["layers"] == ours.layers and theirs.best.hyper["tower"] == ours.tower
+    assert theirs.best.details["step"] == pytest.approx(ours.step, rel=1e-9)
+    if first is not None:
+        assert ours.layers != first
+    if options.get("group"):
+        assert any(len(c.layers) > 1 for c in ours.candidates)
+    reference = params_of(Blocks())
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), reference[n])]
+    assert changed == ours.layers  # slug-authors applied its choice, and nothing else
+
+
+# ----------------------------------------------------------------------------- a baseline's result as a delta
+def bits(t):
+    return t.detach().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("method,grid", [("ga", [1e-3]), ("ssd", {"alpha": [2.0], "lambda": [1.0]})])
+def test_a_saved_baseline_delta_reproduces_its_weights_exactly(method, grid, digits_model, digits_trained, tmp_path):
+    data = digits_trained[1]
+    forget, retain = sets(data, FORGET)
+    result = run_baseline(method, digits_model, forget, retain, criterion_for(data, FORGET), grid=grid,
+                          progress=False, **({} if method == "ssd" else {"epochs": 3}))
+    assert result.reached and result.applied
+    path = result.save(tmp_path / "delta")
+    fresh = slug_fast.digits.build_model(0)
+    fresh.load_state_dict(digits_trained[0])
+    assert sorted(slug_fast.apply_delta(fresh, path)) == sorted(result.state)
+    edited = dict(digits_model.named_parameters())
+    for n, p in fresh.named_parameters():  # every weight, changed or not, bit for bit
+        assert torch.equal(bits(p), bits(edited[n])), n
+    tensors, config = slug_fast.load_delta(path)
+    assert config["method"] == method and config["setting"] == result.best.hyper
+    if method == "ga":  # Adam moved some weights by more than float32 can hold as a change: those go float64
+        assert {t.dtype for t in tensors.values()} == {torch.float32, torch.float64}
+
+
+def test_slug_authors_saves_its_edit_and_nothing_reached_saves_nothing(tmp_path):
+    forget, retain, criterion = blocks_task()
+    model = Blocks()
+    result = slug_authors(model, forget, retain, criterion, forget_loss=mse, retain_loss=mse, progress=False)
+    path = result.save(tmp_path / "delta")
+    fresh = Blocks()
+    assert slug_fast.apply_delta(fresh, path) == result.best.hyper["layers"]
+    for (n, p), q in zip(fresh.named_parameters(), model.parameters()):
+        assert torch.equal(bits(p), bits(q)), n
+    assert slug_fast.load_delta(path)[1]["details"]["step"] == result.best.details["step"]
+    none = slug_authors(Blocks(), forget, retain, lambda m: False, forget_loss=mse, retain_loss=mse, max_evals=2,
+                        progress=False)
+    with pytest.raises(SlugError, match="no setting met the criterion, so there is no change to save"):
+        none.save(tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_change_no_delta_can_reproduce_is_refused():
+    from slug_fast.baselines.harness import exact_change
+
+    base = torch.tensor([1.0, 0.5, -2.0], dtype=torch.float64)
+    edited = torch.tensor([1e-300, 0.25, -2.0], dtype=torch.float64)  # 1 - 1e-300 rounds to 1 in float64
+    with pytest.raises(SlugError, match="the change of 'w' cannot be saved as a delta"):
+        exact_change("w", base, edited)
+    assert exact_change("w", base[1:], edited[1:]).dtype == torch.float32  # exact in float32: kept small

@@ -72,6 +72,27 @@ def test_modes_flags_and_existing_grads_are_restored(gen):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_a_failing_pass_restores_modes_flags_grads_and_the_attention_fast_path(gen):
+    model = Net().train()
+    model.inp.weight.requires_grad_(False)
+    model.mid.weight.grad = torch.full_like(model.mid.weight, 7.0)
+    seen = []
+
+    def fails_on_the_second_batch(m, batch):
+        seen.append((m.training, m.inp.weight.requires_grad, m.mid.weight.grad,
+                     torch.backends.mha.get_fastpath_enabled()))
+        return mse(m, batch) * (float("nan") if len(seen) == 2 else 1.0)
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    with pytest.raises(NonFiniteError, match="forget loss is nan at batch 1"):
+        slug_fast.compute_gradients(model, batches(3, gen), None, fails_on_the_second_batch, params=["inp.weight"],
+                                    progress=False)
+    assert seen[0] == (False, True, None, False)  # inside: eval mode, only inp.weight differentiated, no .grad
+    assert all(m.training for m in model.modules()) and not model.inp.weight.requires_grad
+    assert model.mid.weight.requires_grad and torch.equal(model.mid.weight.grad, torch.full_like(model.mid.weight, 7.0))
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath
+
+
 def test_eval_mode_makes_dropout_deterministic(gen):
     model = Net().train()
     data = batches(2, gen)

@@ -213,14 +213,54 @@ def test_a_nan_utility_ranks_last(digits_model, digits_trained, caplog):
 def test_ties_go_to_the_first_candidate_not_to_rounding():
     """Searches that stop at the same point tie in exact arithmetic (each starts at the same
     relative change); float noise in the last bit must not pick the winner."""
+    from slug_fast.choice import best_candidate
     from slug_fast.search import SearchResult
-    from slug_fast.unlearn import Candidate, _choose
+    from slug_fast.unlearn import Candidate
 
     def candidate(name, rel, utility=None):
         return Candidate([name], "t", SearchResult(1.0, 1.0, []), rel, utility)
 
-    assert _choose([candidate("a", 0.025), candidate("b", 0.024999999999999998)]).layers == ["a"]
-    assert _choose([candidate("a", 0.025), candidate("b", 0.0125)]).layers == ["b"]
-    assert _choose([candidate("a", 0.05, 90.0), candidate("b", 0.025, 90.0 * (1 + 1e-12))]).layers == ["b"]
-    assert _choose([candidate("a", 0.025, 90.0), candidate("b", 0.025, 91.0)]).layers == ["b"]
-    assert _choose([candidate("a", 0.025, float("nan")), candidate("b", 0.05, 1.0)]).layers == ["b"]
+    assert best_candidate([candidate("a", 0.025), candidate("b", 0.024999999999999998)]).layers == ["a"]
+    assert best_candidate([candidate("a", 0.025), candidate("b", 0.0125)]).layers == ["b"]
+    assert best_candidate([candidate("a", 0.05, 90.0), candidate("b", 0.025, 90.0 * (1 + 1e-12))]).layers == ["b"]
+    assert best_candidate([candidate("a", 0.025, 90.0), candidate("b", 0.025, 91.0)]).layers == ["b"]
+    assert best_candidate([candidate("a", 0.025, float("nan")), candidate("b", 0.05, 1.0)]).layers == ["b"]
+    assert best_candidate([candidate("a", 0.05, 1.0), candidate("b", 0.025)]).layers == ["b"]  # a missing utility
+    # any record type, through accessors (slug-authors' SettingRecord keeps these elsewhere)
+    records = [{"u": 2.0, "rel": 0.1, "name": "a"}, {"u": 2.0 * (1 - 1e-12), "rel": 0.05, "name": "b"}]
+    assert best_candidate(records, utility=lambda r: r["u"], change=lambda r: r["rel"],
+                          label=lambda r: r["name"])["name"] == "b"
+    with pytest.raises(SlugError, match="nothing to choose from"):
+        best_candidate([])
+
+
+def test_select_candidates_by_strategy_and_group():
+    """Every front layer in tower and front order ("best"), or the deepest of each front;
+    grouped layers bring their HF partners among the usable ones, and a group is listed once."""
+    from slug_fast.adapters.hf_clip import HFClipAdapter
+    from slug_fast.choice import alone, group_rule, select_candidates
+
+    hf = HFClipAdapter(torch.nn.Linear(2, 2))
+    assert group_rule(hf, False) is alone and group_rule(hf, None) == group_rule(hf, True) == hf.group_of
+    grouped = hf.group_of
+
+    usable = ["m.0.q_proj.weight", "m.0.k_proj.weight", "m.0.fc1.weight", "m.0.fc2.weight", "m.1.v_proj.weight",
+              "m.1.q_proj.weight", "head.weight"]
+    fronts = {"a": ["m.0.k_proj.weight", "m.0.fc2.weight", "m.0.q_proj.weight"],
+              "b": ["head.weight", "m.1.v_proj.weight"]}
+    depth = ["m.0.q_proj.weight", "m.0.k_proj.weight", "m.0.fc1.weight", "m.0.fc2.weight", "m.1.q_proj.weight",
+             "m.1.v_proj.weight", "head.weight"]
+    assert select_candidates(fronts, "best", usable, alone) == [
+        ("a", ["m.0.k_proj.weight"]), ("a", ["m.0.fc2.weight"]), ("a", ["m.0.q_proj.weight"]),
+        ("b", ["head.weight"]), ("b", ["m.1.v_proj.weight"])]
+    assert select_candidates(fronts, "best", usable, grouped) == [
+        ("a", ["m.0.q_proj.weight", "m.0.k_proj.weight"]), ("a", ["m.0.fc1.weight", "m.0.fc2.weight"]),
+        ("b", ["head.weight"]), ("b", ["m.1.q_proj.weight", "m.1.v_proj.weight"])]
+    assert select_candidates(fronts, "deepest", usable, alone, depth) == [
+        ("a", ["m.0.fc2.weight"]), ("b", ["head.weight"])]
+    assert select_candidates(fronts, "deepest", usable, grouped, depth) == [
+        ("a", ["m.0.fc1.weight", "m.0.fc2.weight"]), ("b", ["head.weight"])]
+    with pytest.raises(SlugError, match="strategy must be one of"):
+        select_candidates(fronts, "fastest", usable, alone)
+    with pytest.raises(SlugError, match="needs the layers' depth order"):
+        select_candidates(fronts, "deepest", usable, alone)

@@ -15,6 +15,12 @@ grad, or the adapter's / `params=`, as the authors fine-tune the whole model):
 - "ssd": selective synaptic dampening (diagonal Fisher), one shot per (alpha, lambda).
 - "slug-authors": SLUG done the research scripts' way, for a like-for-like ratio.
 
+FT, GA, GAFT and SalUn are one table, training.TRAINING, of TrainingSpec entries (the
+loss weights per setting, the hyper-parameters, any setup): a new training baseline is
+one entry, or add_baseline(spec) at run time (README, "Adding a baseline").
+result.save(path) writes the best setting's change as a delta that slug_fast.apply_delta
+adds to the original model, giving exactly the best setting's weights.
+
 Each setting starts from the original weights and stops at the first check where
 criterion(model) holds (checks every `check_every` optimizer steps and at each epoch
 end); the best setting is the one that met the criterion with the highest
@@ -57,24 +63,30 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..errors import SlugError
-from . import ft as _ft
-from . import ga as _ga
-from . import gaft as _gaft
-from . import salun as _salun
 from . import ssd as _ssd
-from .ft import ft
-from .ga import ga
-from .gaft import gaft
 from .harness import BaselineResult, Check, SettingRecord
-from .salun import salun, saliency_mask
+from .salun import saliency_mask
 from .slug_authors import slug_authors
 from .ssd import dampen, ssd
+from .training import TRAINING, TrainingSpec
 
+ft, ga, gaft, salun = (TRAINING[k] for k in ("ft", "ga", "gaft", "salun"))
 ONE_SHOT = ("ssd", "slug-authors")
 TRAINING_ONLY = ("epochs", "check_every", "optimizer")  # meaningless for the one-shot methods
-METHODS = {"ft": ft, "ga": ga, "gaft": gaft, "salun": salun, "ssd": ssd, "slug-authors": slug_authors}
-DEFAULT_GRIDS = {"ft": _ft.DEFAULT_GRID, "ga": _ga.DEFAULT_GRID, "gaft": _gaft.DEFAULT_GRID,
-                 "salun": _salun.DEFAULT_GRID, "ssd": _ssd.DEFAULT_GRID, "slug-authors": None}
+METHODS = {**TRAINING, "ssd": ssd, "slug-authors": slug_authors}
+DEFAULT_GRIDS = {**{k: spec.grid for k, spec in TRAINING.items()}, "ssd": _ssd.DEFAULT_GRID, "slug-authors": None}
+
+
+def add_baseline(spec: TrainingSpec) -> TrainingSpec:
+    """Make training baseline `spec` one of METHODS in this process: run_baseline(spec.name, ...)
+    runs it, and DEFAULT_GRIDS holds its grid."""
+    if not isinstance(spec, TrainingSpec):
+        raise SlugError(f"add_baseline takes a TrainingSpec, got {type(spec).__name__}")
+    if spec.name in METHODS:
+        raise SlugError(f"a baseline named {spec.name!r} exists already; choose a name not in {sorted(METHODS)}")
+    METHODS[spec.name] = spec
+    DEFAULT_GRIDS[spec.name] = spec.grid
+    return spec
 
 
 def run_baseline(method: str, model, forget: Iterable | None, retain: Iterable | None, criterion, *,
@@ -96,5 +108,6 @@ def run_baseline(method: str, model, forget: Iterable | None, retain: Iterable |
     return result
 
 
-__all__ = ["BaselineResult", "Check", "DEFAULT_GRIDS", "METHODS", "ONE_SHOT", "SettingRecord", "dampen", "ft", "ga",
-           "gaft", "run_baseline", "saliency_mask", "salun", "slug_authors", "ssd"]
+__all__ = ["BaselineResult", "Check", "DEFAULT_GRIDS", "METHODS", "ONE_SHOT", "SettingRecord", "TRAINING",
+           "TrainingSpec", "add_baseline", "dampen", "ft", "ga", "gaft", "run_baseline", "saliency_mask", "salun",
+           "slug_authors", "ssd"]

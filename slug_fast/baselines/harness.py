@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import Adapter, GenericAdapter, detect_adapter, get_adapter
+from ..delta import save_delta, tensor_spec
+from ..edit import axpy_reference
 from ..errors import SlugError
 from ..gradients import Loss, resolve_params
+from ..modes import training_state
 from ..search import criterion_result
 
 Criterion = Callable[[object], "bool | tuple[bool, dict]"]
@@ -75,6 +80,8 @@ class BaselineResult:
     None when no setting met the criterion); grid_seconds: the whole call (setup,
     every setting, restores); setup_seconds: one-time work at the original weights
     (SalUn's mask, SSD's importances, slug-authors' gradients and fronts).
+    state / base: the best setting's changed tensors and their original values (the target
+    module's names); save(path) writes the change as a delta.
     """
 
     method: str
@@ -88,10 +95,30 @@ class BaselineResult:
     options: dict
     details: dict = field(default_factory=dict)
     state: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # best setting's tensors
+    base: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # their original values
+    # name in `state` -> (its name in the user's object, that tensor's dtype): what a delta records
+    delta_names: dict[str, tuple[str, torch.dtype]] = field(default_factory=dict, repr=False)
 
     @property
     def reached(self) -> bool:
         return self.best is not None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the best setting's change as a delta (slug_fast.delta, as UnlearnResult.save):
+        apply_delta on the original model then gives exactly the weights `state` holds."""
+        if not self.state:
+            raise SlugError(f"{self.method}: no setting met the criterion, so there is no change to save"
+                            if self.best is None else f"{self.method}: the best setting changed no weight, so "
+                            "there is no change to save")
+        delta, specs = {}, {}
+        for n, edited in self.state.items():
+            key, dtype = self.delta_names[n]
+            base = self.base[n].to(dtype)
+            delta[key] = exact_change(key, base, edited.to(dtype))
+            specs[key] = tensor_spec(base)
+        meta = {"method": self.method, "layers": list(delta), "setting": self.best.hyper,
+                "details": self.best.details}
+        return save_delta(path, delta, specs, meta)
 
     def to_dict(self) -> dict:
         """A JSON-ready summary, every setting and its trace included."""
@@ -100,6 +127,26 @@ class BaselineResult:
                 "seconds": self.seconds, "grid_seconds": self.grid_seconds, "setup_seconds": self.setup_seconds,
                 "applied": self.applied, "trained": len(self.trained), "options": self.options,
                 "details": self.details, "settings": [s.to_dict() for s in self.settings]}
+
+
+def exact_change(name: str, base: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+    """edited - base, in float32 when apply_delta's cast(base + change) gives `edited` back bit
+    for bit, else in float64 (apply_delta adds a float64 change in float64: exact for float32
+    and 16-bit weights unless a weight's old and new values differ in magnitude by over 2**29)."""
+    for dtype in (torch.float32, torch.float64):
+        change = edited.to(dtype) - base.to(dtype)
+        back = torch.empty_like(base)
+        axpy_reference(back, base, change, 1.0)  # what apply_delta computes
+        if torch.equal(back.reshape(-1).view(torch.uint8), edited.reshape(-1).view(torch.uint8)):
+            return change
+    raise SlugError(f"the change of {name!r} cannot be saved as a delta that reproduces it bit for bit (a weight "
+                    f"of dtype {base.dtype} moved across many orders of magnitude); keep result.state instead")
+
+
+def user_names(ad: Adapter, names: Sequence[str]) -> dict[str, tuple[str, torch.dtype]]:
+    """Target parameter name -> (its name in the user's object, that tensor's dtype)."""
+    return {n: (key, tensor.dtype) for key, (tensor, n) in ad.edit_params(list(names)).items()
+            if key == ad.delta_name(n)}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -212,31 +259,10 @@ class Trainable:
         return {n: p.detach().clone() for n, p in self.params.items() if not torch.equal(p, self.original[n])}
 
 
-class TrainingMode:
-    """Context: only `names` require grad, modules in train/eval mode; flags, modes and .grad restored."""
-
-    def __init__(self, module: nn.Module, names: Sequence[str], train_mode: bool):
-        self.module, self.selected, self.train_mode = module, set(names), train_mode
-
-    def __enter__(self):
-        named = dict(self.module.named_parameters())
-        self.named = named
-        self.modes = {m: m.training for m in self.module.modules()}
-        self.flags = {n: p.requires_grad for n, p in named.items()}
-        self.grads = {n: p.grad for n, p in named.items()}
-        self.module.train(self.train_mode)
-        for n, p in named.items():
-            p.requires_grad_(n in self.selected)
-            p.grad = None
-        return self
-
-    def __exit__(self, *exc):
-        for n, p in self.named.items():
-            p.requires_grad_(self.flags[n])
-            p.grad = self.grads[n]
-        for m, mode in self.modes.items():
-            m.training = mode
-        return False
+def training_mode(module: nn.Module, names: Sequence[str], train_mode: bool):
+    """Context: only `names` require grad, every module in train (or eval) mode, no .grad;
+    flags, modes and .grad restored after (slug_fast.modes.training_state)."""
+    return training_state(module, train=train_mode, requires_grad=set(names), clear_grads=True)
 
 
 def trainable_names(ad: Adapter, params: Sequence[str] | None) -> list[str]:
@@ -250,14 +276,8 @@ def run_check(criterion: Criterion, model, trainable: Trainable, step: int, step
     """Call the criterion on the user's object, the trained module in eval mode (as the scripts evaluate)."""
     trainable.sync_mirrors()
     t0 = time.perf_counter()
-    modes = [(m, m.training) for m in trainable.module.modules()] if trainable.module.training else []
-    try:
-        if modes:
-            trainable.module.eval()
+    with training_state(trainable.module, train=False):
         satisfied, metrics = criterion_result(criterion(model))
-    finally:
-        for m, mode in modes:
-            m.training = mode
     epoch = round(step / steps_per_epoch, 4) if steps_per_epoch else 0.0
     return Check(step, epoch, satisfied, metrics, time.perf_counter() - t0, losses)
 
@@ -408,7 +428,9 @@ def run_grid(method: str, ad: Adapter, trainable: Trainable, settings: list[dict
     grid_seconds = time.perf_counter() - t_start
     seconds = setup_seconds + best.seconds if best is not None else None
     return BaselineResult(method, best, records, seconds, grid_seconds, setup_seconds, applied,
-                          trainable.names, options, details or {}, best_state)
+                          trainable.names, options, details or {}, best_state,
+                          None if best_state is None else {n: trainable.original[n] for n in best_state},
+                          {} if best_state is None else user_names(ad, list(best_state)))
 
 
 def check_budget(epochs: int, check_every: int | None) -> None:
@@ -416,41 +438,3 @@ def check_budget(epochs: int, check_every: int | None) -> None:
         raise SlugError(f"epochs must be an integer >= 0, got {epochs!r}")
     if check_every is not None and not (isinstance(check_every, int) and check_every >= 1):
         raise SlugError(f"check_every must be None (epoch ends only) or an integer >= 1, got {check_every!r}")
-
-
-def train_baseline(method: str, model, forget, retain, criterion: Criterion, *, defaults: Mapping, primary: str,
-                   default_grid, grid, weights: Callable[[dict], tuple[float, float]], epochs: int,
-                   check_every: int | None, optimizer, params: Sequence[str] | None, train_mode: bool,
-                   utility: Callable | None, apply: bool, progress: bool | None, adapter, forget_loss, retain_loss,
-                   adapter_options: Mapping, needs: tuple[bool, bool],
-                   setup: Callable | None = None) -> BaselineResult:
-    """The shared body of the training baselines (FT, GA, GAFT, SalUn).
-
-    weights(hyper) -> (forget_weight, retain_weight) of the loss; setup(ad, trainable,
-    forget, forget_loss) -> (mask or None, details) runs once at the original weights.
-    """
-    t_start = time.perf_counter()
-    check_budget(epochs, check_every)
-    ad, f_loss, r_loss = resolve_adapter(model, adapter, forget_loss, retain_loss, adapter_options)
-    forget = reiterable(forget, "forget", needs[0])
-    retain = reiterable(retain, "retain", needs[1])
-    settings = expand_grid(default_grid if grid is None else grid, defaults, primary, method)
-    names = trainable_names(ad, params)
-    trainable = Trainable(ad, names)
-    options = {"epochs": epochs, "check_every": check_every, "train_mode": train_mode,
-               "optimizer": optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", "custom")}
-    with TrainingMode(ad.target, names, train_mode):
-        mask, details = None, {}
-        if setup is not None:
-            mask, details = setup(ad, trainable, forget, f_loss)
-        setup_seconds = time.perf_counter() - t_start
-
-        def run_one(hyper: dict) -> SettingRecord:
-            fw, rw = weights(hyper)
-            return train_setting(ad, trainable, forget if fw > 0 else None, retain if rw > 0 else None, criterion,
-                                 forget_loss=f_loss, retain_loss=r_loss, lr=hyper["lr"], forget_weight=fw,
-                                 retain_weight=rw, epochs=epochs, check_every=check_every, optimizer=optimizer,
-                                 mask=mask, utility=utility, progress=progress, desc=f"{method} lr={hyper['lr']:g}")
-
-        return run_grid(method, ad, trainable, settings, run_one, apply=apply, progress=progress,
-                        setup_seconds=setup_seconds, t_start=t_start, options=options, details=details)

@@ -1,9 +1,9 @@
 """SLUG the authors' way (CSIPlab/SLUG research scripts), for a like-for-like ratio against slug_fast.unlearn.
 
-Same method, same choice rules as shared/SLUG.md and slug_fast.unlearn (eligibility,
-towers from the adapter, HF q/k/v and fc1/fc2 groups, strategy "best": search every
-front layer with the same doubling/bisection rule and budget, keep the highest
-utility, ties to the smaller relative change), done the way the research code does it:
+The same method as slug_fast.unlearn: eligibility, towers, usable layers, the choice of
+the layers to search (strategy "best" or "deepest", HF q/k/v and fc1/fc2 groups) and of
+the layer to edit all come from slug_fast.choice, which unlearn calls too, and the step
+search is slug_fast.search's. Only the machinery is the research code's:
 
 - gradients: a zero-filled full-size dict per set, every parameter's .grad added into
   it after each batch, then divided by the batch count; both dicts kept to the end
@@ -14,13 +14,13 @@ utility, ties to the smaller relative change), done the way the research code do
 - every evaluation of the step search deep-copies the whole model (copy.deepcopy),
   edits the copy and runs the criterion on the copy.
 
-Where it differs from slug_fast.unlearn: the norms and cosines are float32 torch
-reductions (unlearn sums in float64), so importance, alignment and the start step
-agree to ~1e-6 relative and a step found by the search agrees to that precision; the
-criterion is called with the edited COPY (a criterion must evaluate the model it is
-given; one bound to the original object, such as slug_fast.eval.concept_criterion's
-adapter, would not see the edit); only strategy "best" is offered; mirrors outside
-the user's object (a companion CLIP model) are not edited during the search.
+What that machinery changes: the norms and cosines are float32 torch reductions
+(unlearn sums in float64), so importance, alignment and the start step agree to ~1e-6
+relative and a step found by the search agrees to that precision; the criterion is
+called with the edited COPY (a criterion must evaluate the model it is given; one bound
+to the original object, such as slug_fast.eval.concept_criterion's adapter, would not
+see the edit); mirrors outside the user's object (a companion CLIP model) are not edited
+during the search.
 """
 from __future__ import annotations
 
@@ -34,12 +34,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..choice import (best_candidate, check_strategy, fronts_of, group_rule, in_towers, select_candidates,
+                      tower_rules, usable_by_tower, usable_layers)
 from ..errors import SlugError
+from ..gradients import forward_use_order
 from ..parameters import named_parameters_of
-from ..pareto import is_eligible, split_towers
-from ..search import criterion_result, search_step, start_step
-from .harness import (BaselineResult, Check, Criterion, SettingRecord, TrainingMode, progress_bar, reiterable,
-                      resolve_adapter, trainable_names)
+from ..search import check_max_evals, criterion_result, search_step, start_step
+from .harness import (BaselineResult, Check, Criterion, SettingRecord, progress_bar, reiterable, resolve_adapter,
+                      trainable_names, training_mode, user_names)
 
 
 def authors_gradients(module: nn.Module, batches: Iterable, loss_fn, names: Sequence[str]) -> tuple[dict, int]:
@@ -96,14 +98,15 @@ def authors_pareto(alignment: Sequence[float], importance: Sequence[float]) -> l
 
 def slug_authors(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, grid=None,
                  params: Sequence[str] | None = None, towers=None, tower: str | Sequence[str] | None = None,
-                 eligible: Callable[[str, Sequence[int]], bool] = is_eligible, group: bool | None = None,
-                 max_evals: int = 10, utility: Callable | None = None, apply: bool = True,
+                 strategy: str = "best", eligible: Callable[[str, Sequence[int]], bool] | None = None,
+                 group: bool | None = None, max_evals: int = 10, utility: Callable | None = None, apply: bool = True,
                  save_gradients: str | os.PathLike | None = None, train_mode: bool = False,
                  progress: bool | None = None, adapter=None, forget_loss=None, retain_loss=None,
                  **adapter_options) -> BaselineResult:
-    """SLUG as the research scripts run it (see the module docstring). One setting per searched
-    front layer (or group); `best` is the chosen one. `seconds` and `grid_seconds` are both the
-    whole run (searching every front layer is the method, as unlearn's seconds["total"]).
+    """SLUG as the research scripts run it (see the module docstring), with unlearn's options
+    and choice. One setting per searched front layer (or group); `best` is the chosen one.
+    `seconds` and `grid_seconds` are both the whole run (searching every front layer is the
+    method, as unlearn's seconds["total"]).
     save_gradients: a directory to torch.save both gradient dicts into, as the scripts do.
     When no layer meets the criterion, best is None and the model is unchanged (unlearn raises
     CriterionNotReached instead).
@@ -112,11 +115,23 @@ def slug_authors(model, forget: Iterable, retain: Iterable, criterion: Criterion
     if grid is not None:
         raise SlugError("slug-authors has no grid: it searches every Pareto-front layer with the step search; "
                         "use max_evals= for its budget")
+    check_strategy(strategy)
+    check_max_evals(max_evals)
     ad, f_loss, r_loss = resolve_adapter(model, adapter, forget_loss, retain_loss, adapter_options)
     forget = reiterable(forget, "forget")
     retain = reiterable(retain, "retain")
     names = trainable_names(ad, params)
-    with TrainingMode(ad.target, names, train_mode):
+    named = dict(ad.target.named_parameters())
+    candidates = [n for n in names if (eligible or ad.eligible)(n, tuple(named[n].shape))]
+    rules = tower_rules(towers, ad, candidates, tower)
+    if tower is not None and params is None:
+        candidates = in_towers(candidates, rules)
+    depth_order = None
+    with training_mode(ad.target, names, train_mode):
+        if strategy == "deepest":  # unlearn's depth order: forward use on the first forget batch
+            loss = f_loss(ad.target, next(iter(forget)))
+            depth_order = forward_use_order(loss, {n: named[n] for n in candidates})
+            del loss
         forget_grads, n_f = authors_gradients(ad.target, forget, f_loss, names)
         retain_grads, n_r = authors_gradients(ad.target, retain, r_loss, names)
     if save_gradients is not None:
@@ -126,48 +141,28 @@ def slug_authors(model, forget: Iterable, retain: Iterable, criterion: Criterion
         torch.save(retain_grads, root / "train_grads.pt")
     t_grads = time.perf_counter()
 
-    named = dict(ad.target.named_parameters())
     stats = authors_stats(named, forget_grads, retain_grads)
-    usable = [n for n in names if eligible(n, tuple(named[n].shape)) and stats[n][2] > 0]
-    if not usable:
-        raise SlugError("no eligible layer has a nonzero forget gradient")
-    rules = towers if towers is not None else ad.tower_rules(usable)
-    tower_names = split_towers(usable, rules)
-    if tower is not None:
-        wanted = [tower] if isinstance(tower, str) else list(tower)
-        missing = [t for t in wanted if t not in tower_names]
-        if missing:
-            raise SlugError(f"tower {missing[0]!r} not found; towers: {list(tower_names)}")
-        tower_names = {t: tower_names[t] for t in wanted}
-    fronts = {}
-    for t, members in tower_names.items():
-        front = authors_pareto([stats[n][3] for n in members], [stats[n][2] for n in members])
-        fronts[t] = [members[i] for i in front]
-    grouped = group is not False
-    picks: list[tuple[str, list[str]]] = []
-    for t, front in fronts.items():
-        for name in front:
-            layers = ad.group_of(name, usable) if grouped else [name]
-            if all(layers != p[1] for p in picks):
-                picks.append((t, layers))
+    importance = [stats[n][2] for n in candidates]
+    tower_names = usable_by_tower(candidates, importance, rules)
+    fronts = fronts_of(tower_names, lambda members: authors_pareto([stats[n][3] for n in members],
+                                                                   [stats[n][2] for n in members]))
+    picks = select_candidates(fronts, strategy, usable_layers(candidates, importance),
+                              group_rule(ad, group), depth_order)
     setup_seconds = time.perf_counter() - t_start
 
     records = []
     for t, layers in progress_bar(picks, "slug-authors", progress):
         records.append(_search(ad, t, layers, stats, forget_grads, criterion, utility, max_evals))
     reached = [r for r in records if r.reached]
-    best = None
-    if reached:
-        if all(r.utility is not None for r in reached):
-            best = max(reached, key=lambda r: (r.utility, -r.details["relative_change"]))
-        else:
-            best = min(reached, key=lambda r: r.details["relative_change"])
+    best = best_candidate(reached, change=lambda r: r.details["relative_change"],
+                          label=lambda r: r.hyper["layers"]) if reached else None
 
-    state = None
+    state = base = None
     if best is not None:
         step = best.details["step"]
         with torch.no_grad():
-            state = {n: named[n].detach() + step * forget_grads[n] for n in best.hyper["layers"]}
+            base = {n: named[n].detach().clone() for n in best.hyper["layers"]}
+            state = {n: base[n] + step * forget_grads[n] for n in best.hyper["layers"]}
             if apply:
                 for key, (tensor, n) in ad.edit_params(best.hyper["layers"]).items():
                     tensor.copy_(state[n])
@@ -175,9 +170,10 @@ def slug_authors(model, forget: Iterable, retain: Iterable, criterion: Criterion
     details = {"fronts": fronts, "tower_members": tower_names, "gradient_seconds": t_grads - t_start,
                "forget_batches": n_f, "retain_batches": n_r,
                "gradient_bytes": 2 * sum(g.numel() * g.element_size() for g in forget_grads.values())}
-    options = {"max_evals": max_evals, "train_mode": train_mode, "strategy": "best"}
+    options = {"max_evals": max_evals, "train_mode": train_mode, "strategy": strategy}
     return BaselineResult("slug-authors", best, records, total if best is not None else None, total,
-                          setup_seconds, bool(apply and best is not None), names, options, details, state)
+                          setup_seconds, bool(apply and best is not None), names, options, details, state, base,
+                          user_names(ad, list(state or ())))
 
 
 def _search(ad, tower, layers, stats, forget_grads, criterion, utility, max_evals) -> SettingRecord:

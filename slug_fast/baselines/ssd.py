@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 
 from ..errors import NonFiniteError, SlugError
-from .harness import (BaselineResult, Criterion, SettingRecord, Trainable, TrainingMode, expand_grid,
-                      reiterable, resolve_adapter, run_check, run_grid, trainable_names, utility_of)
+from .harness import (BaselineResult, Criterion, SettingRecord, Trainable, expand_grid, reiterable, resolve_adapter,
+                      run_check, run_grid, trainable_names, training_mode, utility_of)
 
 DEFAULTS = {"alpha": 10.0, "lambda": 1.0, "exponent": 1.0}
 # alpha 10, lambda 1 are the SSD paper's; smaller alphas select more weights, lambdas on both sides of 1
@@ -88,7 +88,7 @@ def ssd(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, grid
     settings = expand_grid(DEFAULT_GRID if grid is None else grid, DEFAULTS, "alpha", "ssd")
     names = trainable_names(ad, params)
     trainable = Trainable(ad, names)
-    with TrainingMode(ad.target, names, train_mode):
+    with training_mode(ad.target, names, train_mode):
         forget_imp, n_f = importance(ad.target, forget, f_loss, names)
         full_fn = f_loss if full_loss == "forget" else r_loss
         full_imp, n_full = importance(ad.target, _chain(forget, retain), full_fn, names)

@@ -17,20 +17,20 @@ class UpstreamReplay:
     LayerEdit whose tensors are the only ones that change while this is active.
     linear: also cache an edited nn.Linear's products (W0 x + b, G x): equal to a plain
     evaluation within float32 rounding; the default (False) keeps every output bit-identical.
-    others: also replay whole stacks that hold no edited tensor (the other tower) and the
-    modules outside stacks that hold none (patch and token embeddings, final norms).
+    Whole stacks that hold no edited tensor (the other tower) and the modules outside stacks
+    that hold none (patch and token embeddings, final norms) are replayed too.
     max_bytes: what all records together may hold (None: no limit); patience: passes without
     a hit after which a stack or Linear stops recording.
     """
 
-    def __init__(self, model: nn.Module, edit: LayerEdit, *, linear: bool = False, others: bool = True,
+    def __init__(self, model: nn.Module, edit: LayerEdit, *, linear: bool = False,
                  max_bytes: int | None = DEFAULT_MAX_BYTES, patience: int = 2):
         if not isinstance(model, nn.Module):
             raise SlugError(f"upstream_replay needs the nn.Module the criterion runs, got {type(model).__name__}")
         if not isinstance(edit, LayerEdit) or not edit.active:
             raise SlugError("upstream_replay needs an active LayerEdit: use it inside `with LayerEdit(...) as edit`")
         self.model, self.edit = model, edit
-        self.linear, self.others = linear, others
+        self.linear = linear
         self.budget = ByteBudget(float("inf") if max_bytes is None else int(max_bytes))
         self.patience = max(1, int(patience))
         self.stacks: list[StackReplay] = []
@@ -76,12 +76,11 @@ class UpstreamReplay:
             holds = [i for i, block in enumerate(stack)
                      if any(id(p) in self.edited_ids for _, p in block.named_parameters(remove_duplicate=False))]
             boundary = min(holds) if holds else len(stack)
-            if boundary == 0 or (not holds and not self.others):
+            if boundary == 0:
                 continue
             self.stacks.append(StackReplay(self, name, stack, boundary))
-        if self.others:
-            self.stems = [StackReplay(self, name, [module], 1)
-                          for name, module in find_stems(self.model, [n for n, _ in stacks], self.edited_ids)]
+        self.stems = [StackReplay(self, name, [module], 1)
+                      for name, module in find_stems(self.model, [n for n, _ in stacks], self.edited_ids)]
         if not self.linear:
             return
         theta0, directions = self.edit.theta0, self.edit.directions
