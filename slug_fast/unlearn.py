@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import Adapter, GenericAdapter, detect_adapter, get_adapter
-from .choice import (GroupOf, best_candidate, fronts_of, group_rule, in_towers, select_candidates, tower_rules,
-                     usable_by_tower, usable_layers)
+from .choice import (GroupOf, best_candidate, fronts_of, group_rule, in_towers, select_candidates,
+                     tower_rules, usable_by_tower, usable_layers)
 from .config import SlugConfig, Unset, settings_of
 from .delta import save_delta, tensor_spec
 from .edit import LayerEdit
@@ -79,7 +79,7 @@ class UnlearnResult:
     memory: MemoryReport | None = None
     # on several processes: {"rank", "world", "partition", "batches" (global counts), "sent" (payload bytes)}
     ranks: dict | None = None
-    config: SlugConfig | None = None  # the settings used, group None resolved to True
+    config: SlugConfig | None = None  # the settings used, group None resolved to the adapter's default
 
     @property
     def writes(self) -> bool:
@@ -295,7 +295,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
     return UnlearnResult(best.layers, user_keys, best.tower, best.search.step, best.relative_change,
                          best.search.trace, candidates, fronts, tower_names, stats, times, delta, specs, apply,
                          {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name}, report, shared,
-                         dataclasses.replace(settings, group=group is not False))
+                         dataclasses.replace(settings, group=_group_setting(ad, group)))
 
 
 def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, passes: int | None, grouped: GroupOf,
@@ -322,6 +322,11 @@ def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, p
                  forward_transient=probe.forward_transient, device=device)
     chosen = plan(units, budget=budget, mode=store, passes=passes, **sizes)
     return chosen, probe.activation_bytes, plan(units, budget=None, mode="full", **sizes).predicted_peak
+
+
+def _group_setting(ad: Adapter, group: bool | None) -> bool:
+    """group as given, None resolved: True when the adapter moves some layers together."""
+    return group if group is not None else type(ad).group_of is not Adapter.group_of
 
 
 def _store_for(memory_plan: MemoryPlan, keep, backend: str):
