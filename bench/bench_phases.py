@@ -12,7 +12,7 @@ import torch
 import slug_fast
 from slug_fast import digits
 from slug_fast.demo import demo_task
-from slug_fast.gradients import compute_gradients
+from slug_fast.stores import compute_gradients
 
 
 @pytest.fixture(scope="module")

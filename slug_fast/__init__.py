@@ -14,7 +14,7 @@ try:
     from .delta import DeltaConfig, apply_delta, load_delta, save_delta
     from .edit import LayerEdit
     from .errors import CriterionNotReached, DeltaError, NonFiniteError, SlugError
-    from .gradients import Gradients, compute_gradients
+    from .stores import Gradients, compute_gradients
     from .losses import clip_forget_loss, clip_retain_loss
     from .memory import MemoryReport
     from .pareto import is_eligible, pareto_front

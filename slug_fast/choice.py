@@ -76,10 +76,15 @@ def alone(name: str, names: Sequence[str]) -> list[str]:
     return [name]
 
 
+def grouping(adapter, group: bool | None) -> bool:
+    """Whether chosen layers bring their partners: `group`, or the adapter's default when None."""
+    return adapter.groups_by_default if group is None else bool(group)
+
+
 def group_rule(adapter, group: bool | None) -> GroupOf:
     """How a chosen layer brings its partners: the adapter's `group_of` (HF q/k/v_proj,
-    fc1/fc2), or `alone` when `group` is False."""
-    return alone if group is False else adapter.group_of
+    fc1/fc2), or `alone` when not grouping."""
+    return adapter.group_of if grouping(adapter, group) else alone
 
 
 def select_candidates(fronts: Mapping[str, Sequence[str]], strategy: str, usable: Sequence[str], group_of: GroupOf,

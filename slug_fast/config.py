@@ -27,8 +27,8 @@ class SlugConfig:
     strategy: "best" (every front layer searched) or "deepest" (the deepest of each tower).
     tower: a tower name or names to restrict the choice to (None: all).
     group: move each chosen layer with the layers its adapter groups it with (Hugging Face
-        q/k/v, fc1/fc2; None or True); False: every layer alone. result.config records None
-        as False for an adapter that groups nothing.
+        q/k/v, fc1/fc2); False: every layer alone; None: the adapter's default (True, but
+        False for the generic adapter).
     max_evals: step-search evaluations per layer.
     cache: True, False or "linear" (how search evaluations re-run the model).
     backend: "auto" or one of slug_fast._backends.BACKENDS.

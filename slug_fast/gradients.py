@@ -4,7 +4,7 @@
 parameters requiring grad; post-accumulate-grad hooks hand each layer's gradient to a
 running sum the moment autograd finishes it, so no second copy of all gradients ever
 exists. Where the sums live and how many passes run is the gradient store's business
-(slug_fast.stores); `compute_gradients` is the entry point.
+(slug_fast.stores, which also holds the entry point, `compute_gradients`).
 """
 from __future__ import annotations
 
@@ -375,66 +375,3 @@ def _checked_loss(loss, which: str, count: int) -> torch.Tensor:
         raise NonFiniteError(f"{which} loss is {loss.item()} at batch {count}; "
                              "the gradients would not be finite")
     return loss
-
-
-class Gradients:
-    """The outcome of a gradient pass, read through its store.
-
-    `layer_stats()` gives every layer's statistics and `directions(names)` the forget
-    gradients of a few layers, whatever the store; `forget` and `retain` (name -> tensor)
-    exist only for the full store, which holds every gradient at once.
-    depth_order lists the layers from input to output (forward use on the first forget batch).
-    """
-
-    def __init__(self, store, run: GradientPass):
-        self.store = store
-        self.names = list(run.names)
-        self.depth_order = list(run.depth_order or self.names)
-        self.n_forget_batches = run.counts.get("forget", 0)
-        self.n_retain_batches = run.counts.get("retain", 0)
-
-    @property
-    def mode(self) -> str:
-        return self.store.mode
-
-    @property
-    def forget(self) -> dict[str, torch.Tensor]:
-        return self.store.all_gradients("forget")
-
-    @property
-    def retain(self) -> dict[str, torch.Tensor] | None:
-        return self.store.all_gradients("retain")
-
-    def layer_stats(self, backend: str = "auto"):
-        """LayerStats of every differentiated layer, in `names` order."""
-        return self.store.layer_stats(backend)
-
-    def directions(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Forget gradients (each layer's dtype) of `names`."""
-        return self.store.directions(list(names))
-
-
-def compute_gradients(model: torch.nn.Module, forget_batches: Iterable, retain_batches: Iterable | None,
-                      forget_loss: Loss, retain_loss: Loss | None = None, *,
-                      params: Sequence[str] | None = None, train_mode: bool = False,
-                      progress: bool | None = None, store="full",
-                      checkpointing: Callable[[], contextlib.AbstractContextManager] | None = None) -> Gradients:
-    """Mean per-batch gradients of `forget_loss` over `forget_batches` (and of `retain_loss`
-    over `retain_batches`) with respect to `params` (default: all that require grad).
-
-    A loss is `loss(model, batch) -> scalar tensor`; `retain_loss` defaults to
-    `forget_loss`. The model runs in eval mode unless `train_mode`; its modes,
-    requires_grad flags and existing .grad are restored afterwards. Low-precision
-    parameters accumulate in float32 and the result is cast back to their dtype.
-    store: "full" (every gradient in memory), or a slug_fast.stores store such as
-    ChunkedStore(passes=4) (statistics in several passes, a group of layers each) or
-    OffloadStore() (sums in host memory, for a model on a GPU).
-    """
-    from .stores import make_store
-
-    names = resolve_params(model, params)
-    chosen = make_store(store)
-    run = GradientPass(model, forget_batches, retain_batches, forget_loss, retain_loss, names,
-                       train_mode=train_mode, progress=progress, checkpointing=checkpointing)
-    chosen.collect(run)
-    return Gradients(chosen, run)

@@ -10,6 +10,7 @@ the device.
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -170,6 +171,7 @@ class PeakMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.source = "torch.cuda.max_memory_allocated"
             return self
+        gc.collect()  # garbage collected during the run would lower RSS and hide a rise above the base
         try:
             self.base = _rss()
             with open("/proc/self/clear_refs", "w") as f:

@@ -64,7 +64,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Unlearning report: {report.get('concept', '?')}", ""]
     lines += [f"- layer(s): {', '.join(f'`{n}`' for n in report['layer'])}",
               f"- step: {_fmt(report['step'])}",
-              f"- seconds: " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["seconds"].items())]
+              "- seconds: " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["seconds"].items())]
     memory = report.get("unlearn", {}).get("memory")
     if memory:
         lines.append(f"- gradient store: {memory['mode']}, {memory['passes']} pass(es); peak "

@@ -16,19 +16,19 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import Adapter, GenericAdapter, detect_adapter, get_adapter
-from .choice import (GroupOf, best_candidate, fronts_of, group_rule, in_towers, select_candidates,
+from .choice import (GroupOf, best_candidate, fronts_of, group_rule, grouping, in_towers, select_candidates,
                      tower_rules, usable_by_tower, usable_layers)
 from .config import SlugConfig, Unset, settings_of
 from .delta import save_delta, tensor_spec
 from .edit import LayerEdit
 from .errors import CriterionNotReached, SlugError
 from .replay import DEFAULT_MAX_BYTES, upstream_replay
-from .gradients import GradientPass, Gradients, Loss, resolve_params
+from .gradients import GradientPass, Loss, resolve_params
 from .memory import MAX_PREFERRED_PASSES, MemoryPlan, MemoryReport, PeakMeter, format_bytes, plan
 from .pareto import NameRule, pareto_front
 from .search import Evaluation, SearchResult, criterion_result, search_step, start_step
 from .stats import LayerStats
-from .stores import ChunkedStore, FullStore, OffloadStore, layers_of
+from .stores import ChunkedStore, FullStore, Gradients, OffloadStore, layers_of
 
 log = logging.getLogger("slug_fast")
 
@@ -295,7 +295,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
     return UnlearnResult(best.layers, user_keys, best.tower, best.search.step, best.relative_change,
                          best.search.trace, candidates, fronts, tower_names, stats, times, delta, specs, apply,
                          {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name}, report, shared,
-                         dataclasses.replace(settings, group=_group_setting(ad, group)))
+                         dataclasses.replace(settings, group=grouping(ad, group)))
 
 
 def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, passes: int | None, grouped: GroupOf,
@@ -322,11 +322,6 @@ def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, p
                  forward_transient=probe.forward_transient, device=device)
     chosen = plan(units, budget=budget, mode=store, passes=passes, **sizes)
     return chosen, probe.activation_bytes, plan(units, budget=None, mode="full", **sizes).predicted_peak
-
-
-def _group_setting(ad: Adapter, group: bool | None) -> bool:
-    """group as given, None resolved: True when the adapter moves some layers together."""
-    return group if group is not None else type(ad).group_of is not Adapter.group_of
 
 
 def _store_for(memory_plan: MemoryPlan, keep, backend: str):

@@ -31,6 +31,7 @@ class Adapter:
     name = "generic"
     towers: Mapping[str, NameRule] | None = None  # None: one tower, "model"
     exclude: Sequence[str] = DEFAULT_EXCLUDE  # name substrings that are never candidates
+    groups_by_default = True  # group=None moves layers with their `group_of` partners
 
     def __init__(self, model):
         self.model = model

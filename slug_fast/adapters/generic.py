@@ -24,9 +24,12 @@ def towers_from_names(names: Sequence[str]) -> Mapping[str, NameRule] | None:
 
 class GenericAdapter(Adapter):
     """Any nn.Module with user losses and, optionally, tower name rules (else the CLIP towers its
-    names show, see `towers_from_names`, else one tower "model")."""
+    names show, see `towers_from_names`, else one tower "model"); single tensors move alone
+    unless group=True asks for Hugging Face q/k/v_proj and fc1/fc2 groups."""
 
     name = "generic"
+    group_of = HFClipAdapter.group_of  # Hugging Face names' q/k/v_proj and fc1/fc2, with group=True
+    groups_by_default = False
 
     def __init__(self, model: nn.Module, forget_loss=None, retain_loss=None,
                  towers: Mapping[str, NameRule] | None = None, params: Sequence[str] | None = None):

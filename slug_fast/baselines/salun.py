@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import SlugError
-from ..gradients import compute_gradients
+from ..stores import compute_gradients
 
 DEFAULT_RATIO = 0.5
 
