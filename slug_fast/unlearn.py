@@ -139,7 +139,11 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
     strategy: "best" searches every front layer and keeps the one that meets the
     criterion with the highest `utility(model)` (or metrics["utility"]; else the
     smallest relative change); "deepest" searches the deepest front layer of each
-    tower. `tower` restricts the choice to some towers. With apply=False the model
+    tower. `tower` restricts the choice to some towers; `towers` ({name: rule}) replaces the
+    adapter's. eligible(name, shape) -> bool: which layers may be chosen (default: the
+    adapter's, >= 2 dims and no bias/norm/embedding/... word). group: a chosen layer moves
+    with the partners its adapter groups it with (HF q/k/v_proj, fc1/fc2; None: the
+    adapter's default; False: alone). With apply=False the model
     is left unchanged and the result carries the delta. cache: each search evaluation
     re-runs only what the edit can change (slug_fast.replay.upstream_replay), bit-identical
     to a plain one; "linear" also caches an edited Linear's products (equal within float32
