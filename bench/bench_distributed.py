@@ -75,15 +75,15 @@ def build(name: str, dtype: str = "fp32", device: str = "cpu"):
 
 def eligible_layers(model) -> list[tuple[str, int, str]]:
     """(name, numel, dtype) of the parameters unlearn differentiates, in its order: the
-    adapter's parameters (all that require grad when it names none) that is_eligible accepts."""
+    adapter's parameters (all that require grad when it names none) that it finds eligible."""
     import slug_fast
     from slug_fast.gradients import resolve_params
-    from slug_fast.pareto import is_eligible
 
     adapter = slug_fast.adapters.get_adapter(model)
     named = dict(adapter.target.named_parameters())
+    names = resolve_params(adapter.target, adapter.param_names())
     return [(n, named[n].numel(), str(named[n].dtype).removeprefix("torch."))
-            for n in resolve_params(adapter.target, adapter.param_names()) if is_eligible(n, tuple(named[n].shape))]
+            for n in names if adapter.eligible(n, tuple(named[n].shape))]
 
 
 def batches(model, count: int, images: int, seed: int) -> list:
@@ -360,15 +360,16 @@ def llava_7b():
 
 def project_models() -> dict[str, list[tuple[int, str]]]:
     """Eligible (numel, dtype) lists of the projected models, in unlearn's order."""
-    from slug_fast.pareto import is_eligible
+    import slug_fast
 
     out = {"ViT-bigG-14 bf16": [(n, d) for _, n, d in eligible_layers(build("ViT-bigG-14", "bf16", "meta"))]}
     llava = llava_7b()
     # what SLUG differentiates on LLaVA (mode="vlm"): the vision tower's used layers
     out["LLaVA-7B bf16, vision tower (vlm mode)"] = [(n, d) for _, n, d in eligible_layers(llava)]
-    # every eligible tensor of the VLM, as when params= names the language model too
+    # every tensor of the VLM its adapter finds eligible, as when params= names the language model too
+    eligible = slug_fast.adapters.get_adapter(llava).eligible
     out["LLaVA-7B bf16, whole model"] = [(p.numel(), str(p.dtype).removeprefix("torch."))
-                                         for name, p in llava.named_parameters() if is_eligible(name, tuple(p.shape))]
+                                         for name, p in llava.named_parameters() if eligible(name, tuple(p.shape))]
     return out
 
 
