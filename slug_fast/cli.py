@@ -23,12 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="slug-fast", description="Unlearn a concept by editing one layer once (SLUG).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    demo = sub.add_parser("demo", help="forget a digit from the built-in mini-CLIP; prints a JSON report",
+    demo = sub.add_parser("demo", help="forget a digit (or several) from the built-in mini-CLIP; prints a JSON report",
                           description="Load the mini-CLIP the package ships (trained on scikit-learn's digits), "
-                          "forget one digit with SLUG, print the JSON report and, with --out, write "
-                          "report.json, report.md, the Pareto plots and the delta.")
-    demo.add_argument("--forget", default=DEFAULT_CONCEPT, metavar="DIGIT",
-                      help=f"digit to forget, by name or numeral (default: {DEFAULT_CONCEPT})")
+                          "forget one digit with SLUG (several, 'seven,three', with unlearn_many), print the JSON "
+                          "report and, with --out, write report.json, report.md, the Pareto plots (and "
+                          "interference.png) and the delta.")
+    demo.add_argument("--forget", default=DEFAULT_CONCEPT, metavar="DIGITS",
+                      help=f"digit(s) to forget, by name or numeral, comma-separated, in the order applied "
+                      f"(default: {DEFAULT_CONCEPT})")
     demo.add_argument("--out", metavar="DIR", help="directory for report.json and delta/ (created if missing)")
     demo.add_argument("--epochs", type=_positive_int,
                       help="train the mini-CLIP for this many epochs instead of loading the shipped weights")
@@ -81,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, metavar="DIR", help="where to save the edited model")
     ap.add_argument("--no-verify-base", action="store_true",
                     help="apply even if the model's tensors are not the ones the delta was computed on")
+    rv = sub.add_parser("revert", help="undo a revertible delta on a model and save the restored model",
+                        description="Restore the original tensors a revertible delta (written by `slug-fast "
+                        "unlearn`, `demo` or result.save(dir, revertible=True)) stores, bit for bit, after checking "
+                        "that the model holds exactly what applying the delta produced; save it to --out as "
+                        "`apply` does.")
+    _model_args(rv)
+    rv.add_argument("--delta", required=True, metavar="DIR", help="the delta directory")
+    rv.add_argument("--out", required=True, metavar="DIR", help="where to save the restored model")
     cmp_ = sub.add_parser("compare", help="SLUG vs FT/GA/GAFT/SalUn/SSD and the authors' way on the demo task",
                           description="Run SLUG, slug-authors and the baselines (each over its grid, early "
                           "stopped) on the demo task, each in a fresh process; print the rows as JSON and, with "
@@ -111,6 +121,18 @@ def _before_after(report: dict) -> str:
             if key.endswith("_before"):
                 name = key.removesuffix("_before")
                 lines.append(f"  {group} {name:<5} {before:7.2f}% -> {report[group][name + '_after']:7.2f}%")
+    return "\n".join(lines)
+
+
+def _many_before_after(report: dict) -> str:
+    """_before_after for several concepts."""
+    run = report["unlearn"]
+    lines = [f"forgot {', '.join(map(repr, run['order']))} in {report['seconds']['total']:.2f} s "
+             f"({run['rounds']} verification round(s))"]
+    for name, concept in run["concepts"].items():
+        lines.append(f"  {name:<8} {', '.join(concept['edited'])} (step {concept['step']:.4g}): top-1 "
+                     f"{report['forget'][f'{name}_top1_before']:.2f}% -> {report['forget'][f'{name}_top1_after']:.2f}%")
+    lines.append(f"  kept digits top-1 {report['kept']['top1_before']:.2f}% -> {report['kept']['top1_after']:.2f}%")
     return "\n".join(lines)
 
 
@@ -203,13 +225,17 @@ def _run(argv: list[str] | None) -> int:
             from .job import run_apply
             out = run_apply(args.model, args.delta, args.out, pretrained=args.pretrained, device=args.device,
                             verify_base=not args.no_verify_base)
+        elif args.command == "revert":
+            from .job import run_revert
+            out = run_revert(args.model, args.delta, args.out, pretrained=args.pretrained, device=args.device)
         else:
-            from .demo import concept_label, run_demo
-            concept_label(args.forget)  # refuse a bad digit before training anything
-            out = run_demo(args.forget, args.out, epochs=args.epochs, seed=args.seed, strategy=args.strategy,
-                           max_evals=args.max_evals, progress=False if args.quiet else None)
+            from .demo import concept_labels, run_demo, run_demo_many
+            several = len(concept_labels(args.forget)) > 1  # refuse a bad digit before training anything
+            demo = run_demo_many if several else run_demo
+            out = demo(args.forget, args.out, epochs=args.epochs, seed=args.seed, strategy=args.strategy,
+                       max_evals=args.max_evals, progress=False if args.quiet else None)
             if not args.quiet:
-                print(_before_after(out), file=sys.stderr)
+                print(_many_before_after(out) if several else _before_after(out), file=sys.stderr)
     except CriterionNotReached as err:  # an outcome, not bad input
         if ranks is None or ranks.rank == 0:
             print(f"slug-fast: criterion not reached: {err}", file=sys.stderr)

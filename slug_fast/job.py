@@ -1,11 +1,11 @@
-"""The command-line jobs on real models and data: `slug-fast unlearn` and `slug-fast apply`."""
+"""The command-line jobs on real models and data: `slug-fast unlearn`, `apply` and `revert`."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
 from .data import concept_pattern, label_by_class, read_source, shard, split_by_concept
-from .delta import apply_delta, load_delta
+from .delta import apply_delta, check_revertible, load_delta, revert_delta
 from .errors import SlugError
 from .files import check_dir_target
 from .loading import load_model, save_model
@@ -181,3 +181,14 @@ def run_apply(model: str, delta: str, out: str | Path, *, pretrained: str | None
     changed = apply_delta(adapter.model, delta, verify_base=verify_base)
     save_model(adapter, out)
     return {"model": model, "delta": str(delta), "changed": changed, "out": str(out)}
+
+
+def run_revert(model: str, delta: str, out: str | Path, *, pretrained: str | None = None,
+               device: str = "cpu") -> dict:
+    """Undo a revertible delta on a model that carries it and save the restored model to `out`."""
+    out = check_out_dir(out)
+    check_revertible(delta)  # refuse a delta without its original tensors before loading the model
+    adapter = load_model(model, pretrained, device)
+    reverted = revert_delta(adapter.model, delta)
+    save_model(adapter, out)
+    return {"model": model, "delta": str(delta), "reverted": reverted, "out": str(out)}

@@ -443,7 +443,7 @@ def test_save_delta_under_a_file_is_a_delta_error(tmp_path):
     (lambda c: c["tensors"]["0.weight"].pop("base_sha256"), "base_sha256 'None'"),
     (lambda c: c["tensors"]["1.bias"].update(base_sha256=7), "64 lowercase hex"),
     (lambda c: c.update(version=True), "has version True"),
-    (lambda c: c.update(version="1.x"), "has version '1.x'; expected a delta format version such as '1.1'"),
+    (lambda c: c.update(version="1.x"), "has version '1.x'; expected a delta format version such as '1.2'"),
     (lambda c: c.update(version="3.1"), r"version 3.1, a newer major version than this slug_fast \(.+\) reads: 1.x"),
     (lambda c: c.update(version=0), r"version 0.0, another major version than this slug_fast \(.+\) reads: 1.x"),
     (lambda c: c.update(step="1.5"), "has step '1.5'; expected a number"),
