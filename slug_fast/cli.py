@@ -41,15 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-evals", type=_positive_int, default=10, help="step-search budget per layer (10)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     un = sub.add_parser(
-        "unlearn", help="unlearn a concept from a CLIP model on your data; writes the delta and reports",
+        "unlearn", help="unlearn a concept (or several) from a CLIP model on your data; writes the delta and reports",
         description="Unlearn a concept from an open_clip or Hugging Face CLIP model with SLUG. Writes "
         "delta/, report.json, report.md, pareto_<tower>.png and similarity.png to --out; prints the "
-        "report as JSON.")
+        "report as JSON. Several concepts (--concept repeated, or --concepts @file) are forgotten together "
+        "with unlearn_many into one delta, with pareto_<concept>_<tower>.png and interference.png.")
     _model_args(un)
-    un.add_argument("--concept", required=True, help="the name to forget, as captions spell it")
-    un.add_argument("--alias", action="append", default=[], help="another spelling of the concept (repeatable)")
+    un.add_argument("--concept", action="append", help="the name to forget, as captions spell it (repeatable: "
+                    "several concepts at once)")
+    un.add_argument("--concepts", metavar="@FILE", help="the concepts to forget, one a line, aliases after '|' "
+                    "('Elon Musk | Musk'); blank lines and # comments ignored (instead of --concept)")
+    un.add_argument("--alias", action="append", default=[], help="another spelling of the concept (repeatable; "
+                    "one concept only)")
+    un.add_argument("--order", choices=["given", "importance"],
+                    help="several concepts: apply them in the order given or most important layer first (given)")
+    un.add_argument("--share-layers", action="store_true",
+                    help="several concepts: let a concept edit a layer an earlier one edits (default: each its own)")
     un.add_argument("--class-names", required=True, metavar="NAMES",
-                    help="zero-shot classes, 'a,b,c' or @file (one per line); the concept is added if missing")
+                    help="zero-shot classes, 'a,b,c' or @file (one per line); the concept(s) added if missing")
     un.add_argument("--data", metavar="SRC", help="captioned images to split by the concept: WebDataset "
                     ".tar shard(s) (brace patterns, a folder of shards) or an image folder with captions.tsv")
     un.add_argument("--forget-data", metavar="SRC", help="captioned images of the concept (instead of --data)")
@@ -136,6 +145,35 @@ def _many_before_after(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _unlearn_concepts(parser: argparse.ArgumentParser, args) -> dict[str, tuple[str, ...]]:
+    """`unlearn`'s concepts (name -> aliases), or a usage error (exit 2, one line) for a list
+    that cannot be read or for flags that do not go with one concept or with several."""
+    from .distributed import launched
+    from .job import concept_list
+
+    try:
+        concepts = concept_list(args.concept or (), args.concepts, args.alias)
+    except (SlugError, OSError) as err:
+        parser.error(_one_line(err))
+    if len(concepts) == 1:
+        if args.order is not None or args.share_layers:
+            parser.error("--order and --share-layers order and separate several concepts; with one concept "
+                         "leave them out")
+        return concepts
+    several = f"with several concepts ({len(concepts)})"
+    if launched():
+        parser.error(f"{several} `unlearn` runs on one process: run it without torchrun, or one concept at a time")
+    if args.forget_data is not None or args.retain_data is not None:
+        parser.error(f"{several} give --data SRC, split by the captions that mention each concept; "
+                     "--forget-data and --retain-data hold one concept's pairs")
+    if args.data is None:
+        parser.error(f"{several} give --data SRC, split by the captions that mention each concept")
+    if args.memory_budget is not None:
+        parser.error(f"{several} every concept's gradients stay in memory (unlearn_many keeps the full store): "
+                     "leave --memory-budget out, or forget one concept at a time")
+    return concepts
+
+
 def _budget(text: str):
     from .memory import parse_budget
 
@@ -200,18 +238,28 @@ def _run(argv: list[str] | None) -> int:
 
     if launched() and args.command != "unlearn":
         parser.error(f"only `unlearn` runs on several processes; run `slug-fast {args.command}` without torchrun")
+    concepts = _unlearn_concepts(parser, args) if args.command == "unlearn" else {}
     ranks = None
     try:
         if args.command == "backends":
             from ._backends import availability
             out = {name: {"available": reason is None, "reason": reason} for name, reason in availability().items()}
+        elif args.command == "unlearn" and len(concepts) > 1:
+            from .job import run_unlearn_many
+            out = run_unlearn_many(args.model, concepts, args.data, args.out, pretrained=args.pretrained,
+                                   eval_data=args.eval_data, class_names=args.class_names, k=args.top_k,
+                                   order=args.order or "given", share_layers=args.share_layers,
+                                   strategy=args.strategy, tower=args.tower, max_evals=args.max_evals,
+                                   batch_size=args.batch_size, limit=args.limit, device=args.device,
+                                   checkpointing=args.checkpointing, progress=False if args.quiet else None)
         elif args.command == "unlearn":
             from .distributed import init_from_env
             from .job import run_unlearn
             ranks = init_from_env(args.device, args.timeout)
-            out = run_unlearn(args.model, args.concept, args.out, pretrained=args.pretrained, data=args.data,
+            (concept, aliases), = concepts.items()
+            out = run_unlearn(args.model, concept, args.out, pretrained=args.pretrained, data=args.data,
                               forget_data=args.forget_data, retain_data=args.retain_data, eval_data=args.eval_data,
-                              class_names=args.class_names, aliases=tuple(args.alias), k=args.top_k,
+                              class_names=args.class_names, aliases=aliases, k=args.top_k,
                               strategy=args.strategy, tower=args.tower, max_evals=args.max_evals,
                               batch_size=args.batch_size, limit=args.limit, device=args.device,
                               memory_budget=args.memory_budget, checkpointing=args.checkpointing,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,9 +48,14 @@ def plot_pareto(stats: LayerStats, members: list[str], front: list[str], chosen:
 def pareto_plots(result, label: str = "") -> dict[str, tuple[str, Callable[[Path], object]]]:
     """report.json key -> (file name, write(path)) of the Pareto plot of every tower searched:
     `pareto_<tower>.png` for an UnlearnResult, `pareto_<concept>_<tower>.png` per concept of
-    a ManyResult (slug_fast.many)."""
-    runs = [(f"{c.name}_", c.name, c) for c in result.concepts.values()] if hasattr(result, "concepts") \
-        else [("", label, result)]
+    a ManyResult (slug_fast.many; a concept's name with its spaces and any character other than
+    letters, digits, '.', '-' and '_' made '_', its position appended where two names would
+    meet; "concept<i>" for a name of none of those)."""
+    runs = [("", label, result)]
+    if hasattr(result, "concepts"):
+        parts = [_file_part(c.name, i) for i, c in enumerate(result.concepts.values())]
+        parts = [p if parts.count(p) == 1 else f"{p}_{i + 1}" for i, p in enumerate(parts)]  # "a b", "a/b"
+        runs = [(f"{part}_", c.name, c) for part, c in zip(parts, result.concepts.values())]
     plots = {}
     for prefix, title, run in runs:
         for tower, front in run.fronts.items():
@@ -59,6 +65,12 @@ def pareto_plots(result, label: str = "") -> dict[str, tuple[str, Callable[[Path
                 lambda path, run=run, members=members, front=front, name=f"{title}: {tower} tower".strip(": "):
                     plot_pareto(run.stats, members, front, run.layers, path, name))
     return plots
+
+
+def _file_part(name: str, index: int) -> str:
+    """A concept's name as a part of a file name: no path separator, no space."""
+    part = re.sub(r"[^\w.-]+", "_", name).strip("_")
+    return part if part.strip(".") else f"concept{index + 1}"
 
 
 def plot_interference(interference, path: str | Path, title: str) -> Path:
