@@ -414,9 +414,10 @@ class _Run:
                       for t, layers in picks]
         reached = [c for c in candidates if c.search.reached]
         if not reached:
+            where = " on the model carrying the earlier concepts' edits" if self.stack.parts else ""
             raise CriterionNotReached(f"concept {name!r}: the criterion never held within {self.max_evals} "
-                                      f"evaluations per layer on the model carrying the earlier concepts' edits; "
-                                      "the model is unchanged", [c.search for c in candidates])
+                                      f"evaluations per layer{where}; the model is unchanged. Raise max_evals or "
+                                      "relax the criterion", [c.search for c in candidates])
         best = best_candidate(reached)
         self.directions[name] = {n: directions[n] for n in best.layers}
         self.stack.put(name, best.layers, self.directions[name], best.search.step)

@@ -298,10 +298,10 @@ def test_a_newer_minor_version_with_nothing_unknown_and_version_1_read_silently(
 
 @pytest.mark.parametrize("version, match", [
     ("2.0", r"has delta format version 2\.0, a newer major version than this slug_fast \(.+\) reads: 1\.x, up "
-            r"to 1\.1; upgrade slug_fast to read it"),
+            r"to 1\.2; upgrade slug_fast to read it"),
     (2, r"has delta format version 2\.0, a newer major version"),
     ("0.9", r"has delta format version 0\.9, another major version than this slug_fast \(.+\) reads: 1\.x, up "
-            r"to 1\.1$"),
+            r"to 1\.2$"),
     ("1.1.0", r"has version '1\.1\.0'; expected a delta format version such as '1\.2'"),
 ])
 def test_another_major_version_is_refused_saying_which_and_what_is_read(tmp_path, version, match):
