@@ -11,7 +11,7 @@ try:
     from . import adapters, data, distributed, eval  # noqa: A004 (the evaluation package, not the builtin)
     from ._backends import availability as backends
     from .config import SlugConfig
-    from .delta import DeltaConfig, apply_delta, load_delta, save_delta
+    from .delta import DeltaConfig, apply_delta, load_delta, revert_delta, save_delta
     from .edit import LayerEdit
     from .errors import CriterionNotReached, DeltaError, NonFiniteError, SlugError
     from .stores import Gradients, compute_gradients
@@ -22,6 +22,7 @@ try:
     from .stats import LayerStats, layer_stats
     from .stores import ChunkedStore, FullStore, GradientStore, OffloadStore
     from .unlearn import Candidate, UnlearnResult, unlearn
+    from .many import ManyResult, unlearn_many
 except KeyboardInterrupt:  # Ctrl-C while the command line is still starting: one line, not a traceback
     from .cli import exit_if_interrupted_while_starting
 
@@ -35,5 +36,6 @@ __all__ = [
     "DeltaError", "Evaluation", "FullStore", "GradientStore", "Gradients", "LayerEdit", "LayerStats", "MemoryReport",
     "NonFiniteError", "OffloadStore", "SearchResult", "SlugConfig", "SlugError", "UnlearnResult", "apply_delta",
     "backends", "clip_forget_loss", "clip_retain_loss", "compute_gradients", "is_eligible", "layer_stats",
-    "load_delta", "pareto_front", "save_delta", "search_step", "start_step", "unlearn",
+    "load_delta", "ManyResult", "pareto_front", "revert_delta", "save_delta", "search_step", "start_step", "unlearn",
+    "unlearn_many",
 ]

@@ -23,12 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="slug-fast", description="Unlearn a concept by editing one layer once (SLUG).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    demo = sub.add_parser("demo", help="forget a digit from the built-in mini-CLIP; prints a JSON report",
+    demo = sub.add_parser("demo", help="forget a digit (or several) from the built-in mini-CLIP; prints a JSON report",
                           description="Load the mini-CLIP the package ships (trained on scikit-learn's digits), "
-                          "forget one digit with SLUG, print the JSON report and, with --out, write "
-                          "report.json, report.md, the Pareto plots and the delta.")
-    demo.add_argument("--forget", default=DEFAULT_CONCEPT, metavar="DIGIT",
-                      help=f"digit to forget, by name or numeral (default: {DEFAULT_CONCEPT})")
+                          "forget one digit with SLUG (several, 'seven,three', with unlearn_many), print the JSON "
+                          "report and, with --out, write report.json, report.md, the Pareto plots (and "
+                          "interference.png) and the delta.")
+    demo.add_argument("--forget", default=DEFAULT_CONCEPT, metavar="DIGITS",
+                      help=f"digit(s) to forget, by name or numeral, comma-separated, in the order applied "
+                      f"(default: {DEFAULT_CONCEPT})")
     demo.add_argument("--out", metavar="DIR", help="directory for report.json and delta/ (created if missing)")
     demo.add_argument("--epochs", type=_positive_int,
                       help="train the mini-CLIP for this many epochs instead of loading the shipped weights")
@@ -39,15 +41,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-evals", type=_positive_int, default=10, help="step-search budget per layer (10)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     un = sub.add_parser(
-        "unlearn", help="unlearn a concept from a CLIP model on your data; writes the delta and reports",
+        "unlearn", help="unlearn a concept (or several) from a CLIP model on your data; writes the delta and reports",
         description="Unlearn a concept from an open_clip or Hugging Face CLIP model with SLUG. Writes "
         "delta/, report.json, report.md, pareto_<tower>.png and similarity.png to --out; prints the "
-        "report as JSON.")
+        "report as JSON. Several concepts (--concept repeated, or --concepts @file) are forgotten together "
+        "with unlearn_many into one delta, with pareto_<concept>_<tower>.png and interference.png.")
     _model_args(un)
-    un.add_argument("--concept", required=True, help="the name to forget, as captions spell it")
-    un.add_argument("--alias", action="append", default=[], help="another spelling of the concept (repeatable)")
+    un.add_argument("--concept", action="append", help="the name to forget, as captions spell it (repeatable: "
+                    "several concepts at once)")
+    un.add_argument("--concepts", metavar="@FILE", help="the concepts to forget, one a line, aliases after '|' "
+                    "('Elon Musk | Musk'); blank lines and # comments ignored (instead of --concept)")
+    un.add_argument("--alias", action="append", default=[], help="another spelling of the concept (repeatable; "
+                    "one concept only)")
+    un.add_argument("--order", choices=["given", "importance"],
+                    help="several concepts: apply them in the order given or most important layer first (given)")
+    un.add_argument("--share-layers", action="store_true",
+                    help="several concepts: let a concept edit a layer an earlier one edits (default: each its own)")
     un.add_argument("--class-names", required=True, metavar="NAMES",
-                    help="zero-shot classes, 'a,b,c' or @file (one per line); the concept is added if missing")
+                    help="zero-shot classes, 'a,b,c' or @file (one per line); the concept(s) added if missing")
     un.add_argument("--data", metavar="SRC", help="captioned images to split by the concept: WebDataset "
                     ".tar shard(s) (brace patterns, a folder of shards) or an image folder with captions.tsv")
     un.add_argument("--forget-data", metavar="SRC", help="captioned images of the concept (instead of --data)")
@@ -81,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, metavar="DIR", help="where to save the edited model")
     ap.add_argument("--no-verify-base", action="store_true",
                     help="apply even if the model's tensors are not the ones the delta was computed on")
+    rv = sub.add_parser("revert", help="undo a revertible delta on a model and save the restored model",
+                        description="Restore the original tensors a revertible delta (written by `slug-fast "
+                        "unlearn`, `demo` or result.save(dir, revertible=True)) stores, bit for bit, after checking "
+                        "that the model holds exactly what applying the delta produced; save it to --out as "
+                        "`apply` does.")
+    _model_args(rv)
+    rv.add_argument("--delta", required=True, metavar="DIR", help="the delta directory")
+    rv.add_argument("--out", required=True, metavar="DIR", help="where to save the restored model")
     cmp_ = sub.add_parser("compare", help="SLUG vs FT/GA/GAFT/SalUn/SSD and the authors' way on the demo task",
                           description="Run SLUG, slug-authors and the baselines (each over its grid, early "
                           "stopped) on the demo task, each in a fresh process; print the rows as JSON and, with "
@@ -112,6 +131,47 @@ def _before_after(report: dict) -> str:
                 name = key.removesuffix("_before")
                 lines.append(f"  {group} {name:<5} {before:7.2f}% -> {report[group][name + '_after']:7.2f}%")
     return "\n".join(lines)
+
+
+def _many_before_after(report: dict) -> str:
+    """_before_after for several concepts."""
+    run = report["unlearn"]
+    lines = [f"forgot {', '.join(map(repr, run['order']))} in {report['seconds']['total']:.2f} s "
+             f"({run['rounds']} verification round(s))"]
+    for name, concept in run["concepts"].items():
+        lines.append(f"  {name:<8} {', '.join(concept['edited'])} (step {concept['step']:.4g}): top-1 "
+                     f"{report['forget'][f'{name}_top1_before']:.2f}% -> {report['forget'][f'{name}_top1_after']:.2f}%")
+    lines.append(f"  kept digits top-1 {report['kept']['top1_before']:.2f}% -> {report['kept']['top1_after']:.2f}%")
+    return "\n".join(lines)
+
+
+def _unlearn_concepts(parser: argparse.ArgumentParser, args) -> dict[str, tuple[str, ...]]:
+    """`unlearn`'s concepts (name -> aliases), or a usage error (exit 2, one line) for a list
+    that cannot be read or for flags that do not go with one concept or with several."""
+    from .distributed import launched
+    from .job import concept_list
+
+    try:
+        concepts = concept_list(args.concept or (), args.concepts, args.alias)
+    except (SlugError, OSError) as err:
+        parser.error(_one_line(err))
+    if len(concepts) == 1:
+        if args.order is not None or args.share_layers:
+            parser.error("--order and --share-layers order and separate several concepts; with one concept "
+                         "leave them out")
+        return concepts
+    several = f"with several concepts ({len(concepts)})"
+    if launched():
+        parser.error(f"{several} `unlearn` runs on one process: run it without torchrun, or one concept at a time")
+    if args.forget_data is not None or args.retain_data is not None:
+        parser.error(f"{several} give --data SRC, split by the captions that mention each concept; "
+                     "--forget-data and --retain-data hold one concept's pairs")
+    if args.data is None:
+        parser.error(f"{several} give --data SRC, split by the captions that mention each concept")
+    if args.memory_budget is not None:
+        parser.error(f"{several} every concept's gradients stay in memory (unlearn_many keeps the full store): "
+                     "leave --memory-budget out, or forget one concept at a time")
+    return concepts
 
 
 def _budget(text: str):
@@ -178,18 +238,28 @@ def _run(argv: list[str] | None) -> int:
 
     if launched() and args.command != "unlearn":
         parser.error(f"only `unlearn` runs on several processes; run `slug-fast {args.command}` without torchrun")
+    concepts = _unlearn_concepts(parser, args) if args.command == "unlearn" else {}
     ranks = None
     try:
         if args.command == "backends":
             from ._backends import availability
             out = {name: {"available": reason is None, "reason": reason} for name, reason in availability().items()}
+        elif args.command == "unlearn" and len(concepts) > 1:
+            from .job import run_unlearn_many
+            out = run_unlearn_many(args.model, concepts, args.data, args.out, pretrained=args.pretrained,
+                                   eval_data=args.eval_data, class_names=args.class_names, k=args.top_k,
+                                   order=args.order or "given", share_layers=args.share_layers,
+                                   strategy=args.strategy, tower=args.tower, max_evals=args.max_evals,
+                                   batch_size=args.batch_size, limit=args.limit, device=args.device,
+                                   checkpointing=args.checkpointing, progress=False if args.quiet else None)
         elif args.command == "unlearn":
             from .distributed import init_from_env
             from .job import run_unlearn
             ranks = init_from_env(args.device, args.timeout)
-            out = run_unlearn(args.model, args.concept, args.out, pretrained=args.pretrained, data=args.data,
+            (concept, aliases), = concepts.items()
+            out = run_unlearn(args.model, concept, args.out, pretrained=args.pretrained, data=args.data,
                               forget_data=args.forget_data, retain_data=args.retain_data, eval_data=args.eval_data,
-                              class_names=args.class_names, aliases=tuple(args.alias), k=args.top_k,
+                              class_names=args.class_names, aliases=aliases, k=args.top_k,
                               strategy=args.strategy, tower=args.tower, max_evals=args.max_evals,
                               batch_size=args.batch_size, limit=args.limit, device=args.device,
                               memory_budget=args.memory_budget, checkpointing=args.checkpointing,
@@ -203,13 +273,17 @@ def _run(argv: list[str] | None) -> int:
             from .job import run_apply
             out = run_apply(args.model, args.delta, args.out, pretrained=args.pretrained, device=args.device,
                             verify_base=not args.no_verify_base)
+        elif args.command == "revert":
+            from .job import run_revert
+            out = run_revert(args.model, args.delta, args.out, pretrained=args.pretrained, device=args.device)
         else:
-            from .demo import concept_label, run_demo
-            concept_label(args.forget)  # refuse a bad digit before training anything
-            out = run_demo(args.forget, args.out, epochs=args.epochs, seed=args.seed, strategy=args.strategy,
-                           max_evals=args.max_evals, progress=False if args.quiet else None)
+            from .demo import concept_labels, run_demo, run_demo_many
+            several = len(concept_labels(args.forget)) > 1  # refuse a bad digit before training anything
+            demo = run_demo_many if several else run_demo
+            out = demo(args.forget, args.out, epochs=args.epochs, seed=args.seed, strategy=args.strategy,
+                       max_evals=args.max_evals, progress=False if args.quiet else None)
             if not args.quiet:
-                print(_before_after(out), file=sys.stderr)
+                print(_many_before_after(out) if several else _before_after(out), file=sys.stderr)
     except CriterionNotReached as err:  # an outcome, not bad input
         if ranks is None or ranks.rank == 0:
             print(f"slug-fast: criterion not reached: {err}", file=sys.stderr)

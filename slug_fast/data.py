@@ -29,7 +29,7 @@ import os
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -385,6 +385,28 @@ def split_by_concept(pairs: Iterable, concept: str | Sequence[str]) -> ConceptSp
                         "empty; add pairs without the concept (generic captioned images)")
     return ConceptSplit(Pairs(forget, source=f"{pairs.source} mentioning {shown}"),
                         Pairs(retain, source=f"{pairs.source} not mentioning {shown}"))
+
+
+def split_by_concepts(pairs: Iterable, concepts: Mapping[str, Sequence[str]] | Sequence[str]
+                      ) -> tuple[dict[str, Pairs], Pairs]:
+    """Split pairs among several concepts: ({concept: the pairs whose caption mentions it}, the
+    pairs mentioning none). `concepts` maps each name to its aliases (or is a list of names).
+
+    Matching is `split_by_concept`'s (whole words, any case, the name or an alias). A caption
+    that mentions two concepts is in both forget sets and never retained. A concept that no
+    caption mentions, or no pair left to retain, is an error.
+    """
+    pairs = pairs_from(pairs)
+    spelled = {name: [name, *aliases] for name, aliases in concepts.items()} if isinstance(concepts, Mapping) \
+        else {name: [name] for name in _names(list(concepts))}
+    forgets = {name: split_by_concept(pairs, names).forget for name, names in spelled.items()}
+    patterns = [concept_pattern(names) for names in spelled.values()]
+    retain = [item for item in pairs if not any(p.search(item[1]) for p in patterns)]
+    shown = ", ".join(map(repr, spelled))
+    if not retain:
+        raise SlugError(f"every one of the {len(pairs)} captions mentions one of {shown}, so the retain set would "
+                        "be empty; add pairs without the concepts (generic captioned images)")
+    return forgets, Pairs(retain, source=f"{pairs.source} mentioning none of {shown}")
 
 
 def read_source(source: str | os.PathLike, limit: int | None = None) -> Pairs:

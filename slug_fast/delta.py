@@ -3,8 +3,10 @@
 A delta directory holds `delta.safetensors` (name -> float32/float64 change, only
 the edited tensors) and `delta_config.json` (DeltaConfig: format, version, method,
 layers, step, the run's settings, the slug_fast version, and per tensor the
-parameter's shape, dtype and a SHA-256 of its original bytes; and
-`tensors_file_sha256`, binding the config to its tensor file).
+parameter's shape, dtype and SHA-256s of its original bytes and of the result; and
+`tensors_file_sha256`, binding the config to its tensor file). A revertible delta also
+holds `original.safetensors`, the edited tensors' original bytes: theta1 = cast(theta0 +
+delta) rounds away theta0's low-order bits, so only a stored copy gives theta0 back.
 Applying sets theta = cast(theta + delta); deltas computed on the same original
 model compose.
 """
@@ -24,7 +26,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from .edit import LayerEdit
+from .edit import LayerEdit, axpy_reference
 from .errors import DeltaError, unknown_name
 from .files import check_dir_target, replace_dir, write_atomic, write_json_atomic
 from .parameters import named_parameters_of
@@ -33,10 +35,11 @@ FORMAT = "slug_fast.delta"
 # MAJOR.MINOR of delta_config.json. A newer minor only adds keys a delta applies the same way
 # without (read with a warning naming them); a newer major changes how it applies (refused).
 # Version 1.0 was written as the integer 1.
-VERSION = "1.1"
+VERSION = "1.2"
 MAJOR, MINOR = (int(part) for part in VERSION.split("."))
 TENSORS_FILE = "delta.safetensors"
 CONFIG_FILE = "delta_config.json"
+ORIGINALS_FILE = "original.safetensors"  # a revertible delta's original tensors
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -45,13 +48,26 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(data.tobytes()).hexdigest()
 
 
-def tensor_spec(t: torch.Tensor) -> dict:
-    """What a delta records of the parameter it changes: shape, dtype, SHA-256 of its bytes."""
-    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "base_sha256": tensor_sha256(t)}
+def applied(original: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """cast(original + delta), rounded as apply_delta rounds it (LayerEdit: float32, float64
+    when either is float64), as a new tensor."""
+    out = torch.empty_like(original, memory_format=torch.contiguous_format)
+    axpy_reference(out, original, delta.to(original.device), 1.0)
+    return out
 
 
-RESERVED = ("format", "version", "tensors", "tensors_file_sha256", "slug_fast_version")
-SPEC_KEYS = ("shape", "dtype", "base_sha256")
+def tensor_spec(t: torch.Tensor, delta: torch.Tensor | None = None) -> dict:
+    """What a delta records of the parameter it changes: shape, dtype, SHA-256 of its bytes,
+    and with `delta` the SHA-256 of the result, `applied(t, delta)` (what revert_delta checks)."""
+    spec = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "base_sha256": tensor_sha256(t)}
+    if delta is not None:
+        spec["result_sha256"] = tensor_sha256(applied(t.detach(), delta))
+    return spec
+
+
+RESERVED = ("format", "version", "tensors", "tensors_file_sha256", "slug_fast_version", "revertible",
+            "originals_file_sha256")
+SPEC_KEYS = ("shape", "dtype", "base_sha256", "result_sha256")  # result_sha256 from version 1.2 on
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 
 
@@ -71,8 +87,9 @@ def _spec_problem(spec) -> str | None:
         return f"has shape {spec.get('shape')!r}; expected a list of non-negative integers"
     if not isinstance(spec.get("dtype"), str) or spec["dtype"] not in _DTYPES:
         return f"has dtype {spec.get('dtype')!r}; expected a torch dtype name such as 'float32'"
-    if not _is_sha256(spec.get("base_sha256")):
-        return f"has base_sha256 {str(spec.get('base_sha256'))[:80]!r}; expected 64 lowercase hex digits"
+    for key in ("base_sha256", "result_sha256"):
+        if (key in spec or key == "base_sha256") and not _is_sha256(spec.get(key)):
+            return f"has {key} {str(spec.get(key))[:80]!r}; expected 64 lowercase hex digits"
     return None
 
 
@@ -97,6 +114,8 @@ _KINDS = {  # what a recorded field holds: (check, what it should be)
     "count": (lambda v: type(v) is int and v >= 1, "a positive integer"),
     "flag": (lambda v: isinstance(v, bool), "true or false"),
     "cache": (lambda v: isinstance(v, bool) or v == "linear", "true, false or 'linear'"),
+    "concepts": (lambda v: isinstance(v, list) and all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                                                      for c in v), "a list of tables, each with a name"),
 }
 
 
@@ -116,6 +135,7 @@ class DeltaConfig:
 
     tensors: dict[str, dict]  # name -> tensor_spec of the parameter it changes
     tensors_file_sha256: str | None = None  # SHA-256 of the tensor file (absent in the earliest deltas)
+    originals_file_sha256: str | None = None  # SHA-256 of original.safetensors (revertible deltas only)
     method: str | None = _recorded("text")
     layers: list[str] | None = _recorded("names")  # the names it changes in the user's object
     target_layers: list[str] | None = _recorded("names")  # the same in the module SLUG differentiated
@@ -127,6 +147,10 @@ class DeltaConfig:
     cache: bool | str | None = _recorded("cache")
     max_evals: int | None = _recorded("count")
     memory_mode: str | None = _recorded("text")  # the gradient store used: full, chunked or offload
+    concepts: list[dict] | None = _recorded("concepts")  # unlearn_many: each concept's layers, step, ...
+    order: list[str] | None = _recorded("names")  # unlearn_many: the concepts in the order applied
+    share_layers: bool | None = _recorded("flag")  # unlearn_many: whether concepts could share a tensor
+    revertible: bool | None = _recorded("flag")  # original.safetensors holds the original tensors
     slug_fast_version: str | None = _recorded("text")  # the library that wrote it
     version: str = VERSION
     extra: dict = field(default_factory=dict)
@@ -139,8 +163,9 @@ class DeltaConfig:
                 out[f.name] = getattr(self, f.name)
         out.update(self.extra)
         out["tensors"] = {n: dict(spec) for n, spec in self.tensors.items()}
-        if self.tensors_file_sha256 is not None:
-            out["tensors_file_sha256"] = self.tensors_file_sha256
+        for key in ("tensors_file_sha256", "originals_file_sha256"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
     @classmethod
@@ -166,14 +191,17 @@ class DeltaConfig:
 
 
 def save_delta(path: str | os.PathLike, delta: Mapping[str, torch.Tensor],
-               specs: Mapping[str, dict], meta: Mapping | None = None) -> Path:
-    """Write `delta` (name -> change) to directory `path`, the pair all or nothing.
+               specs: Mapping[str, dict], meta: Mapping | None = None,
+               originals: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write `delta` (name -> change) to directory `path`, the files all or nothing.
 
     `specs` holds `tensor_spec` of each original parameter; `meta` goes into the config.
-    Everything is checked before anything is created. The pair is written into a staging
-    directory and swapped in, so a reader sees the old pair or the new one; if `path`
-    holds files of its own, only the two delta files are swapped (the config's SHA-256 of
-    the tensor file still makes load_delta refuse a mixed pair).
+    `originals` (name -> the original tensor, for every delta name) makes the delta
+    revertible: their bytes go to original.safetensors, for revert_delta.
+    Everything is checked before anything is created. The files are written into a staging
+    directory and swapped in, so a reader sees the old set or the new one; if `path`
+    holds files of its own, only the delta files are swapped (the config's SHA-256s of
+    the tensor files still make load_delta refuse a mixed set).
     """
     path = Path(path)
     if not isinstance(delta, Mapping) or not delta:
@@ -190,6 +218,8 @@ def save_delta(path: str | os.PathLike, delta: Mapping[str, torch.Tensor],
             raise DeltaError(f"spec of {name!r} {problem}")
         if list(t.shape) != specs[name]["shape"]:
             raise DeltaError(f"delta for {name!r} has shape {list(t.shape)}; its spec says {specs[name]['shape']}")
+    if originals is not None:
+        _check_originals(originals, delta, specs)
     meta = dict(meta or {})
     if clash := sorted(set(meta) & set(RESERVED)):
         raise DeltaError(f"meta may not set {clash}; slug_fast writes {list(RESERVED)} itself")
@@ -204,17 +234,41 @@ def save_delta(path: str | os.PathLike, delta: Mapping[str, torch.Tensor],
     check_dir_target(path, "delta directory", DeltaError)
     data = safetensors_save(tensors, metadata={"format": FORMAT})
     config["tensors_file_sha256"] = hashlib.sha256(data).hexdigest()
+    files = {TENSORS_FILE: data}
+    if originals is not None:
+        files[ORIGINALS_FILE] = safetensors_save({n: originals[n].detach().contiguous().cpu() for n in tensors},
+                                                 metadata={"format": FORMAT})
+        config["revertible"] = True
+        config["originals_file_sha256"] = hashlib.sha256(files[ORIGINALS_FILE]).hexdigest()
 
     def write(staging: Path) -> list[str]:
-        write_atomic(staging / TENSORS_FILE, lambda tmp: Path(tmp).write_bytes(data))
+        for name, content in files.items():
+            write_atomic(staging / name, lambda tmp, content=content: Path(tmp).write_bytes(content))
         write_json_atomic(staging / CONFIG_FILE, config)
-        return [TENSORS_FILE, CONFIG_FILE]
+        return [*files, CONFIG_FILE]
 
     try:
-        replace_dir(path, write)  # a folder with files of its own keeps them: only the pair is swapped
+        # a folder with files of its own keeps them: only ours are swapped (an earlier
+        # delta's original.safetensors goes with the old set)
+        replace_dir(path, write, owned=lambda name: name == ORIGINALS_FILE)
     except OSError as err:
         raise DeltaError(f"could not write the delta to {path}: {err.strerror or err}") from None
     return path
+
+
+def _check_originals(originals, delta: Mapping[str, torch.Tensor], specs: Mapping[str, dict]) -> None:
+    """Originals must be exactly the tensors the specs describe, one for every delta name."""
+    if not isinstance(originals, Mapping) or set(originals) != set(delta):
+        raise DeltaError("originals must map every delta name, and only those, to its original tensor; got "
+                         f"{sorted(originals)[:3] if isinstance(originals, Mapping) else type(originals).__name__}")
+    for name, t in originals.items():
+        spec = specs[name]
+        if not isinstance(t, torch.Tensor) or list(t.shape) != spec["shape"] or \
+                str(t.dtype).removeprefix("torch.") != spec["dtype"]:
+            got = f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise DeltaError(f"original of {name!r} is {got}; its spec says {spec['shape']} {spec['dtype']}")
+        if tensor_sha256(t) != spec["base_sha256"]:
+            raise DeltaError(f"original of {name!r} is not the tensor its spec describes (SHA-256 differs)")
 
 
 def _version_of(value) -> tuple[int, int] | None:
@@ -240,8 +294,11 @@ def _config_problem(config) -> str | None:
     for name, spec in config["tensors"].items():
         if (problem := _spec_problem(spec)) is not None:
             return f"entry tensors[{name!r}] {problem}"
-    if "tensors_file_sha256" in config and not _is_sha256(config["tensors_file_sha256"]):
-        return f"has tensors_file_sha256 {str(config['tensors_file_sha256'])[:80]!r}; expected 64 lowercase hex digits"
+    for key in ("tensors_file_sha256", "originals_file_sha256"):
+        if key in config and not _is_sha256(config[key]):
+            return f"has {key} {str(config[key])[:80]!r}; expected 64 lowercase hex digits"
+    if config.get("revertible") is True and "originals_file_sha256" not in config:
+        return "is marked revertible but records no originals_file_sha256"
     for f in dataclasses.fields(DeltaConfig):
         if "kind" in f.metadata and config.get(f.name) is not None:
             check, expected = _KINDS[f.metadata["kind"]]
@@ -318,3 +375,60 @@ def apply_delta(model, path: str | os.PathLike, verify_base: bool = True) -> lis
         edit.step(1.0)
         edit.commit()
     return list(directions)
+
+
+def check_revertible(path: str | os.PathLike) -> dict:
+    """The config of the delta at `path`, checked; DeltaError unless it was saved revertible."""
+    path = Path(path)
+    _, config = load_delta(path)
+    if config.get("revertible") is not True or not (path / ORIGINALS_FILE).is_file():
+        raise DeltaError(f"{path} was saved without its original tensors, so it cannot be reverted: "
+                         "theta1 = round(theta0 + delta) drops the low-order bits of theta0, which neither "
+                         "theta1 nor the delta holds; save it with save(dir, revertible=True), or reload the "
+                         "original model")
+    return config
+
+
+def revert_delta(model, path: str | os.PathLike) -> list[str]:
+    """Undo a saved revertible delta in place, bit-exactly; returns the names restored.
+
+    `model` must hold exactly what applying the delta produced (each tensor's SHA-256 is
+    checked against the config's result_sha256) and the delta must have been saved with
+    revertible=True. Every check comes before any change; on any error the model is untouched.
+    """
+    path = Path(path)
+    config = check_revertible(path)
+    data = (path / ORIGINALS_FILE).read_bytes()
+    if hashlib.sha256(data).hexdigest() != config["originals_file_sha256"]:
+        raise DeltaError(f"{path / ORIGINALS_FILE} is not the file {CONFIG_FILE} was written with (its SHA-256 "
+                         "differs: an interrupted or mixed save, or a corrupted file)")
+    try:
+        originals = safetensors_load(data)
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise DeltaError(f"{path / ORIGINALS_FILE} is not a readable safetensors file ({err})") from None
+    if set(originals) != set(config["tensors"]):
+        raise DeltaError(f"{path}: {ORIGINALS_FILE} holds {sorted(originals)[:3]}, the config "
+                         f"{sorted(config['tensors'])[:3]}")
+    named = named_parameters_of(model)
+    for name, spec in config["tensors"].items():
+        if name not in named:
+            raise DeltaError(str(unknown_name("delta tensor's parameter", name, named)))
+        if "result_sha256" not in spec:
+            raise DeltaError(f"{path} records no result_sha256 for {name!r} (written before version 1.2), so "
+                             "it cannot check that the model holds this delta's result")
+        if tensor_sha256(named[name]) != spec["result_sha256"]:
+            raise DeltaError(f"parameter {name!r} is not what this delta produced (its bytes differ: not applied, "
+                             "edited since, or another model); nothing was reverted")
+        if tensor_sha256(originals[name]) != spec["base_sha256"]:
+            raise DeltaError(f"{path / ORIGINALS_FILE}: the original of {name!r} does not match the config's "
+                             "base_sha256")
+    with torch.no_grad():
+        backup = {n: named[n].detach().clone() for n in originals}
+        try:
+            for n, t in originals.items():
+                named[n].data.copy_(t.to(named[n].device))
+        except BaseException:
+            for n, t in backup.items():
+                named[n].data.copy_(t)
+            raise
+    return list(originals)

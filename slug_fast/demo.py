@@ -30,6 +30,16 @@ def concept_label(concept: str) -> int:
     raise SlugError(f"unknown digit {concept!r}; choose one of {', '.join(digits.DIGIT_NAMES)} (or 0-9)")
 
 
+def concept_labels(concepts: str) -> list[int]:
+    """The digit indices of "seven,three" (names or numerals, each once)."""
+    labels = [concept_label(c) for c in concepts.split(",") if c.strip()]
+    if not labels:
+        raise SlugError(f"no digit in {concepts!r}; name one or more, as 'seven' or 'seven,three'")
+    if len(set(labels)) != len(labels):
+        raise SlugError(f"a digit is named twice in {concepts!r}; name each once")
+    return labels
+
+
 def pair_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int) -> list:
     """(images, caption tokens) batches with one random caption template per image."""
     gen = torch.Generator().manual_seed(seed)
@@ -63,8 +73,22 @@ def accuracies(model, data: digits.DigitsData, label: int, classifier=None,
             "retain_top1": pct(hits[1][~is_forget]), "retain_top5": pct(hits[5][~is_forget])}
 
 
+class _CachedEncoders:
+    """For a task's own `model`: the zero-shot classifier's class weights and the held-out
+    images' features, recomputed only when their tower changed."""
+
+    @functools.cached_property
+    def _caches(self):
+        from .eval.zero_shot import TowerCache, encode_images
+
+        classifier = digit_classifier(self.model)
+        images = self.data.test_images
+        return classifier, TowerCache(classifier.adapter, "vision",
+                                      lambda: encode_images(classifier.adapter, images, len(images)))
+
+
 @dataclass
-class DemoTask:
+class DemoTask(_CachedEncoders):
     """The demo's unlearning task, the same for SLUG and every baseline: the model, the data
     split, forget/retain batches, the criterion and the measurements."""
 
@@ -92,15 +116,6 @@ class DemoTask:
             return accuracies(model, self.data, self.label)
         classifier, images = self._caches
         return accuracies(self.model, self.data, self.label, classifier, images.get())
-
-    @functools.cached_property
-    def _caches(self):
-        from .eval.zero_shot import TowerCache, encode_images
-
-        classifier = digit_classifier(self.model)
-        images = self.data.test_images
-        return classifier, TowerCache(classifier.adapter, "vision",
-                                      lambda: encode_images(classifier.adapter, images, len(images)))
 
     def mia(self, model=None) -> dict:
         """Membership inference of the digit's training images vs its held-out ones (percent;
@@ -133,17 +148,117 @@ def demo_task(concept: str = DEFAULT_CONCEPT, *, epochs: int | None = None, seed
     label = concept_label(concept)
     t0 = time.perf_counter()
     data = digits.load_digits_data(seed)
-    if epochs is None and seed == 0:
-        model, meta = digits.load_pretrained()
-        source = {"source": "shipped", "epochs": int(meta.get("epochs", 0)), "file": digits.PRETRAINED.name}
-    else:
-        model = digits.train_digits_clip(seed=seed, data=data, progress=bool(progress),
-                                         **({} if epochs is None else {"epochs": epochs}))
-        source = {"source": "trained", "epochs": epochs}
+    model, source = _demo_model(data, epochs, seed, progress)
     is_forget = data.train_labels == label
     forget = pair_batches(data.train_images[is_forget], data.train_labels[is_forget], 32, seed)
     retain = pair_batches(data.train_images[~is_forget], data.train_labels[~is_forget], 64, seed + 1)
     return DemoTask(model, data, label, forget, retain, source, time.perf_counter() - t0)
+
+
+def _demo_model(data: digits.DigitsData, epochs: int | None, seed: int, progress: bool | None):
+    """The shipped mini-CLIP, or one trained here (given `epochs` or another `seed`), and where it came from."""
+    if epochs is None and seed == 0:
+        model, meta = digits.load_pretrained()
+        return model, {"source": "shipped", "epochs": int(meta.get("epochs", 0)), "file": digits.PRETRAINED.name}
+    model = digits.train_digits_clip(seed=seed, data=data, progress=bool(progress),
+                                     **({} if epochs is None else {"epochs": epochs}))
+    return model, {"source": "trained", "epochs": epochs}
+
+
+@dataclass
+class DemoManyTask(_CachedEncoders):
+    """Several digits to forget at once: each one's forget batches and criterion, one retain
+    set of the digits kept, and the kept digits' held-out accuracy as the utility."""
+
+    model: torch.nn.Module
+    data: digits.DigitsData
+    labels: list[int]
+    forgets: dict[str, list]  # digit name -> batches of its training images
+    retain: list  # batches of the kept digits' training images
+    source: dict
+    load_seconds: float
+
+    @property
+    def concepts(self) -> list[str]:
+        return [digits.DIGIT_NAMES[k] for k in self.labels]
+
+    def accuracies(self, model=None) -> dict:
+        """Held-out zero-shot top-1 (percent) of each forgotten digit ("<name>_top1") and of the
+        kept digits pooled ("kept_top1")."""
+        if model is None or model is self.model:
+            classifier, images = self._caches
+            hits = classifier.hits(self.data.test_labels, (1,), features=images.get())[1]
+        else:
+            hits = digit_classifier(model).hits(self.data.test_labels, (1,), images=self.data.test_images,
+                                                batch_size=len(self.data.test_labels))[1]
+        labels = self.data.test_labels
+        pct = lambda mask: round(100.0 * hits[mask].double().mean().item(), 4)  # noqa: E731
+        out = {f"{digits.DIGIT_NAMES[k]}_top1": pct(labels == k) for k in self.labels}
+        out["kept_top1"] = pct(~torch.isin(labels, torch.tensor(self.labels)))
+        return out
+
+    def criterion(self, concept: str):
+        """Forgotten when the digit's held-out top-1 is 0; utility = the kept digits' top-1."""
+        def criterion(model) -> tuple[bool, dict]:
+            acc = self.accuracies(model)
+            return acc[f"{concept}_top1"] == 0.0, {"forget_top1": acc[f"{concept}_top1"],
+                                                  "kept_top1": acc["kept_top1"], "utility": acc["kept_top1"]}
+        return criterion
+
+
+def demo_many_task(concepts: str, *, epochs: int | None = None, seed: int = 0,
+                   progress: bool | None = None) -> DemoManyTask:
+    """The demo task for several digits ("seven,three") on the shipped mini-CLIP."""
+    labels = concept_labels(concepts)
+    t0 = time.perf_counter()
+    data = digits.load_digits_data(seed)
+    model, source = _demo_model(data, epochs, seed, progress)
+    forgets = {}
+    for label in labels:
+        is_forget = data.train_labels == label
+        forgets[digits.DIGIT_NAMES[label]] = pair_batches(data.train_images[is_forget], data.train_labels[is_forget],
+                                                          32, seed)
+    kept = ~torch.isin(data.train_labels, torch.tensor(labels))
+    retain = pair_batches(data.train_images[kept], data.train_labels[kept], 64, seed + 1)
+    return DemoManyTask(model, data, labels, forgets, retain, source, time.perf_counter() - t0)
+
+
+def run_demo_many(concepts: str, out: str | Path | None = None, *, epochs: int | None = None, seed: int = 0,
+                  strategy: str = "best", max_evals: int = 10, progress: bool | None = None) -> dict:
+    """Forget several digits at once with slug_fast.unlearn_many (one shared retain gradient,
+    the digits applied in the order given, every criterion verified on the final model) and
+    return (and with `out`, write) the report; the delta is saved revertible."""
+    from .many import unlearn_many
+    from .report import plot_interference
+
+    concept_labels(concepts)  # refuse a bad digit before loading anything
+    out = Path(out) if out is not None else None
+    if out is not None:
+        from .job import check_out_dir
+        check_out_dir(out)
+    task = demo_many_task(concepts, epochs=epochs, seed=seed, progress=progress)
+    before = task.accuracies()
+    result = unlearn_many(task.model, {c: (task.forgets[c], task.criterion(c)) for c in task.concepts}, task.retain,
+                          strategy=strategy, max_evals=max_evals, progress=progress)
+    after = task.accuracies()
+    report = {
+        "concepts": task.concepts,
+        "layer": {c: r.edited for c, r in result.concepts.items()},
+        "step": {c: r.step for c, r in result.concepts.items()},
+        "forget": {f"{c}_top1_{when}": acc[f"{c}_top1"] for c in task.concepts
+                   for when, acc in (("before", before), ("after", after))},
+        "kept": {"top1_before": before["kept_top1"], "top1_after": after["kept_top1"]},
+        "seconds": {**{k: round(v, 4) for k, v in result.seconds.items()}, "model": round(task.load_seconds, 4)},
+        "model": {"name": "digits-mini-clip", "seed": seed, **task.source, "test_images": len(task.data.test_labels)},
+        "unlearn": result.to_dict(),
+    }
+    if out is not None:
+        from .report import write_outputs
+
+        plot = ("interference.png", lambda path: plot_interference(
+            result.interference, path, f"forgetting {', '.join(task.concepts)}: every criterion after each edit"))
+        report["files"] = write_outputs(out, report, result, {"interference": plot})
+    return report
 
 
 def run_demo(concept: str = DEFAULT_CONCEPT, out: str | Path | None = None, *, epochs: int | None = None,

@@ -1,11 +1,12 @@
-"""The command-line jobs on real models and data: `slug-fast unlearn` and `slug-fast apply`."""
+"""The command-line jobs on real models and data: `slug-fast unlearn`, `apply` and `revert`."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .data import concept_pattern, label_by_class, read_source, shard, split_by_concept
-from .delta import apply_delta, load_delta
+from .delta import apply_delta, check_revertible, load_delta, revert_delta
 from .errors import SlugError
 from .files import check_dir_target
 from .loading import load_model, save_model
@@ -13,31 +14,77 @@ from .loading import load_model, save_model
 SIMILARITY_SAMPLE = 12  # pairs of each set shown in the before/after similarity plot
 
 
-def _class_list(class_names: str | None, concept: str) -> list[str]:
-    """Class names from "a,b,c" or "@file" (one per line); the concept is added if missing."""
+def _file_lines(arg: str, flag: str, layout: str) -> list[str]:
+    """The lines of the UTF-8 file "@path" names; `flag` and `layout` (how it should read) say
+    what went wrong."""
+    path = Path(arg[1:])
+    if not path.is_file():
+        raise SlugError(f"{flag} file {path} not found")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise SlugError(f"{flag} file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 with "
+                        f"{layout}") from None
+    except OSError as err:
+        raise SlugError(f"{flag} file {path} cannot be read: {err.strerror or err}") from None
+
+
+def _class_list(class_names: str | None, concepts: Sequence[str]) -> list[str]:
+    """Class names from "a,b,c" or "@file" (one per line); the concepts missing are put first."""
     if not class_names:
         raise SlugError("--class-names is required: the concept and other names for zero-shot classification, "
                         "as 'a,b,c' or @file with one name per line")
     if class_names.startswith("@"):
-        path = Path(class_names[1:])
-        if not path.is_file():
-            raise SlugError(f"--class-names file {path} not found")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise SlugError(f"--class-names file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 with "
-                            "one name per line") from None
-        except OSError as err:
-            raise SlugError(f"--class-names file {path} cannot be read: {err.strerror or err}") from None
-        names = [line.strip() for line in text.splitlines()]
+        names = [line.strip() for line in _file_lines(class_names, "--class-names", "one name per line")]
     else:
         names = [n.strip() for n in class_names.split(",")]
     names = list(dict.fromkeys(n for n in names if n))
-    if concept not in names:
-        names.insert(0, concept)
-    if len(names) < 2:
-        raise SlugError(f"--class-names needs at least one name besides the concept {concept!r}")
+    names = [c for c in concepts if c not in names] + names
+    if len(names) <= len(concepts):
+        which = f"the concept {concepts[0]!r}" if len(concepts) == 1 else \
+            f"the concepts {', '.join(map(repr, concepts))}"
+        raise SlugError(f"--class-names needs at least one name besides {which}")
     return names
+
+
+def concept_list(concepts: Sequence[str] = (), concepts_file: str | None = None,
+                 aliases: Sequence[str] = ()) -> dict[str, tuple[str, ...]]:
+    """name -> aliases of the concepts to forget, from --concept NAME (repeatable) or
+    --concepts @file: one concept a line, its aliases after the name behind `|` ("Elon Musk |
+    Musk"), blank lines and lines starting with # ignored. --alias adds aliases to the one
+    concept there is. A name or alias given for two concepts (any case) is refused."""
+    if concepts and concepts_file is not None:
+        raise SlugError("give the concepts either as --concept NAME (repeatable) or as --concepts @file, not both")
+    if concepts_file is not None:
+        if not concepts_file.startswith("@"):
+            raise SlugError(f"--concepts takes @file (one concept per line), got {concepts_file!r}; name concepts "
+                            "on the command line with --concept NAME (repeatable)")
+        layout = "one concept per line, aliases after '|'"
+        lines = [line for line in _file_lines(concepts_file, "--concepts", layout)
+                 if line.strip() and not line.lstrip().startswith("#")]
+        entries = [[part.strip() for part in line.split("|")] for line in lines]
+        if not entries:
+            raise SlugError(f"--concepts file {concepts_file[1:]} lists no concept; write {layout}")
+        where = f"in --concepts file {concepts_file[1:]}"
+    elif concepts:
+        entries, where = [[name.strip()] for name in concepts], "with --concept"
+    else:
+        raise SlugError("give the concept to forget: --concept NAME (repeatable) or --concepts @file")
+    if aliases:
+        if len(entries) > 1:
+            raise SlugError("--alias spells the one concept another way; with several concepts give each one's "
+                            "aliases in a --concepts @file, after its name behind '|': 'Elon Musk | Musk'")
+        entries[0] += [a.strip() for a in aliases]
+    owner: dict[str, int] = {}  # a spelling (any case, any spacing) -> the entry that gives it
+    for i, entry in enumerate(entries):
+        if not all(entry):
+            raise SlugError(f"an empty concept name or alias {where}: {' | '.join(entry)!r}")
+        for name in entry:
+            key = " ".join(name.split()).casefold()
+            if owner.setdefault(key, i) != i:
+                raise SlugError(f"{name!r} is given twice {where}; give each concept once and each alias to one "
+                                "concept")
+    return {entry[0]: tuple(dict.fromkeys(entry[1:])) for entry in entries}
 
 
 def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
@@ -67,7 +114,6 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
     any rank stops every rank with the failing rank's message.
     """
     from .eval.mia import clip_membership_inference
-    from .eval.similarity import SimilarityWatch
     from .eval.zero_shot import concept_criterion
     from .report import write_outputs
     from .unlearn import unlearn
@@ -77,7 +123,7 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
     t0 = time.perf_counter()
     out = check_out_dir(out)
     budget = parse_budget(memory_budget)  # refuse a bad budget before loading anything
-    names = _class_list(class_names, concept)
+    names = _class_list(class_names, [concept])
     if ranks is not None and budget is not None:
         raise SlugError("--memory-budget plans one process's gradients; on several processes each rank keeps 1/N "
                         "of them (leave --memory-budget out)")
@@ -98,8 +144,7 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
         (lambda: ranks.decide(lambda: criterion(adapter.model)[1], "judging the model"))
     before = judge()
     if writer:
-        sample = list(forget_pairs[:SIMILARITY_SAMPLE]) + list(retain_pairs[:SIMILARITY_SAMPLE])
-        similarity = SimilarityWatch(adapter, sample)
+        similarity = _similarity_watch(adapter, [forget_pairs, retain_pairs])
         mia_before = clip_membership_inference(adapter, forget_pairs, held_out) if held_out else None
 
     forget = _batches(adapter, forget_pairs, batch_size, ranks)
@@ -111,31 +156,147 @@ def run_unlearn(model: str, concept: str, out: str | Path, *, pretrained: str | 
     after = judge()
     if not writer:
         return None
-    similarity_stats = {**similarity.finish(), "plot": str(out / "similarity.png")}
+    ks = sorted({1, k})
     report = {
         "concept": concept,
-        "model": {"name": model, "pretrained": pretrained, "adapter": adapter.name},
+        "model": _model_info(model, pretrained, adapter),
         "layer": result.edited,
         "step": result.step,
         "criterion": f"forget top-{k} zero-shot accuracy among {len(names)} classes is 0",
-        "forget": {f"top{j}_{when}": m[f"forget_top{j}"] for j in sorted({1, k})
-                   for when, m in (("before", before), ("after", after))},
-        "retain": {f"top{j}_{when}": m[f"others_top{j}"] for j in sorted({1, k})
-                   for when, m in (("before", before), ("after", after))},
-        "similarity": similarity_stats,
+        "forget": _before_after(before, after, "forget_top{}", ks),
+        "retain": _before_after(before, after, "others_top{}", ks),
+        "similarity": similarity.finish(),
         "data": {"forget_pairs": len(forget_pairs), "retain_pairs": len(retain_pairs),
                  "eval_images": len(eval_images), "skipped": {
                      "forget": forget_pairs.skip_counts(), "retain": retain_pairs.skip_counts()}},
-        "seconds": {**{k_: round(v, 4) for k_, v in result.seconds.items()}, "load": round(t_load, 4)},
+        "seconds": _seconds(result, t_load),
         "unlearn": result.to_dict(),
     }
     if mia_before is not None:
         mia_after = clip_membership_inference(adapter, forget_pairs, held_out)
         report["mia"] = {f"{kind}_{when}": res[kind].mean for kind in ("loss", "distance")
                          for when, res in (("before", mia_before), ("after", mia_after))}
-    plot = ("similarity.png", lambda path: similarity.plot(path, f"image-text similarity, forgetting {concept}"))
-    report["files"] = write_outputs(out, report, result, {"similarity": plot})
+    report["files"] = write_outputs(out, report, result, _similarity_plot(report, similarity, out, concept))
     return report
+
+
+def run_unlearn_many(model: str, concepts: Mapping[str, Sequence[str]], data: str, out: str | Path, *,
+                     pretrained: str | None = None, eval_data: str | None = None, class_names: str | None = None,
+                     k: int = 5, order: str = "given", share_layers: bool = False, strategy: str = "best",
+                     tower: str | None = None, max_evals: int = 10, batch_size: int = 32, limit: int | None = None,
+                     device: str = "cpu", checkpointing: bool = False, progress: bool | None = None) -> dict:
+    """Unlearn several concepts (name -> aliases) from a CLIP model at once with
+    slug_fast.unlearn_many and write the one revertible delta and the report to `out`.
+
+    `data` is split by concept (slug_fast.data.split_by_concepts): each concept forgets the
+    pairs whose caption mentions it (a caption naming two is in both sets), the pairs naming
+    none are retained. Each concept's criterion is `run_unlearn`'s, among `class_names` with
+    every concept in it, on `eval_data` or else on each concept's forget images and the
+    retain images that name another class. `order` and `share_layers` go to unlearn_many;
+    one process only, and every concept's gradients stay in memory (no memory budget).
+    """
+    from .data import split_by_concepts
+    from .eval.zero_shot import concept_criterion
+    from .many import unlearn_many
+    from .report import plot_interference, write_outputs
+
+    t0 = time.perf_counter()
+    out = check_out_dir(out)
+    if len(concepts) < 2:
+        raise SlugError("run_unlearn_many needs at least two concepts; run_unlearn forgets one")
+    names = _class_list(class_names, list(concepts))
+    source = read_source(data, limit)
+    forgets, retain_pairs = split_by_concepts(source, concepts)
+    eval_pairs = read_source(eval_data, limit) if eval_data is not None else None
+    eval_images, eval_labels = _eval_set(forgets, retain_pairs, names, eval_pairs)
+    adapter = load_model(model, pretrained, device)
+    t_load = time.perf_counter() - t0
+
+    pixels = adapter.pixels(eval_images)  # once for every concept's criterion
+    criteria = {c: concept_criterion(adapter, pixels, eval_labels, names, c, k=k) for c in concepts}
+    ks = sorted({1, k})
+    kept = _kept_classes(adapter, pixels, eval_labels, names, concepts, ks)
+    before = {c: criterion(adapter.model)[1] for c, criterion in criteria.items()}
+    kept_before = kept()
+    similarity = _similarity_watch(adapter, [*forgets.values(), retain_pairs])
+
+    result = unlearn_many(adapter, {c: (_batches(adapter, forgets[c], batch_size, None), criteria[c])
+                                    for c in concepts}, _batches(adapter, retain_pairs, batch_size, None),
+                          order=order, share_layers=share_layers, strategy=strategy, tower=tower,
+                          max_evals=max_evals, checkpointing=checkpointing, progress=progress)
+    after = {c: criterion(adapter.model)[1] for c, criterion in criteria.items()}
+    report = {
+        "concepts": list(concepts),
+        "model": _model_info(model, pretrained, adapter),
+        "layer": {c: r.edited for c, r in result.concepts.items()},
+        "step": {c: r.step for c, r in result.concepts.items()},
+        "criterion": f"each concept's forget top-{k} zero-shot accuracy among {len(names)} classes is 0",
+        "forget": {key: value for c in concepts
+                   for key, value in _before_after(before[c], after[c], "forget_top{}", ks, f"{c}_").items()},
+        "retain": _before_after(kept_before, kept(), "top{}", ks),
+        "similarity": similarity.finish(),
+        "data": {"forget_pairs": {c: len(pairs) for c, pairs in forgets.items()}, "retain_pairs": len(retain_pairs),
+                 "eval_images": len(eval_images), "skipped": source.skip_counts()},
+        "seconds": _seconds(result, t_load),
+        "unlearn": result.to_dict(),
+    }
+    shown = ", ".join(concepts)
+    extra = {**_similarity_plot(report, similarity, out, shown), "interference": ("interference.png", lambda path:
+             plot_interference(result.interference, path, f"forgetting {shown}: every criterion after each edit"))}
+    report["files"] = write_outputs(out, report, result, extra)
+    return report
+
+
+def _model_info(model: str, pretrained: str | None, adapter) -> dict:
+    return {"name": model, "pretrained": pretrained, "adapter": adapter.name}
+
+
+def _before_after(before: dict, after: dict, metric: str, ks: Sequence[int], prefix: str = "") -> dict:
+    """{prefix + "top{j}_before"/"_after": the metric ("forget_top{}") at j} for each j of ks."""
+    return {f"{prefix}top{j}_{when}": m[metric.format(j)] for j in ks for when, m in (("before", before),
+                                                                                       ("after", after))}
+
+
+def _seconds(result, t_load: float) -> dict[str, float]:
+    return {**{k: round(v, 4) for k, v in result.seconds.items()}, "load": round(t_load, 4)}
+
+
+def _similarity_watch(adapter, pair_sets: Sequence):
+    """A SimilarityWatch over the first pairs of each set (SIMILARITY_SAMPLE in all for the
+    forget sets together, as many again of the last, the retain set)."""
+    from .eval.similarity import SimilarityWatch
+
+    *forgets, retain = pair_sets
+    each = -(-SIMILARITY_SAMPLE // len(forgets))
+    return SimilarityWatch(adapter, [pair for pairs in forgets for pair in pairs[:each]]
+                           + list(retain[:SIMILARITY_SAMPLE]))
+
+
+def _similarity_plot(report: dict, similarity, out: Path, shown: str) -> dict:
+    """write_outputs' entry for similarity.png; the report's "similarity" names the plot."""
+    report["similarity"]["plot"] = str(out / "similarity.png")
+    return {"similarity": ("similarity.png",
+                           lambda path: similarity.plot(path, f"image-text similarity, forgetting {shown}"))}
+
+
+def _kept_classes(adapter, pixels, labels: Sequence[int], names: Sequence[str], concepts, ks: Sequence[int]):
+    """kept() -> {"top{j}": the mean per-class zero-shot top-j accuracy (percent) of the
+    evaluation images of the classes that are no concept (None without any)}."""
+    import torch
+
+    from .eval.zero_shot import IDENTITY_TEMPLATES, ZeroShotClassifier, encode_images
+
+    classifier = ZeroShotClassifier(adapter, names, IDENTITY_TEMPLATES)
+    label_ids = torch.tensor(list(labels), dtype=torch.int64)
+    counts = torch.bincount(label_ids, minlength=len(names)).tolist()
+    kept = [c for c, name in enumerate(names) if name not in concepts and counts[c] > 0]
+
+    def accuracy() -> dict[str, float | None]:
+        hits = classifier.hits(label_ids, ks, features=encode_images(adapter, pixels))
+        return {f"top{j}": sum(100.0 * hits[j][label_ids == c].sum().item() / counts[c] for c in kept) / len(kept)
+                if kept else None for j in ks}
+
+    return accuracy
 
 
 def _batches(adapter, pairs, batch_size: int, ranks) -> list:
@@ -157,19 +318,26 @@ def _prepare(model, concept, names, pretrained, data, forget_data, retain_data, 
         forget_pairs, retain_pairs = split_by_concept(read_source(data, limit), [concept, *aliases])
     else:
         forget_pairs, retain_pairs = read_source(forget_data, limit), read_source(retain_data, limit)
-    held_out = []  # images of the concept the model was not unlearned on: MIA's non-members
-    if eval_data is not None:
-        eval_pairs = read_source(eval_data, limit)
-        labelled = label_by_class(eval_pairs, names)
-        eval_images, eval_labels = labelled.images, labelled.labels
-        mentions = concept_pattern([concept, *aliases])
-        held_out = [pair for pair in eval_pairs if mentions.search(pair[1])]
-    else:
-        others = label_by_class(retain_pairs, names)
-        eval_images = [im for im, _ in forget_pairs] + others.images
-        eval_labels = [names.index(concept)] * len(forget_pairs) + others.labels
+    eval_pairs = read_source(eval_data, limit) if eval_data is not None else None
+    eval_images, eval_labels = _eval_set({concept: forget_pairs}, retain_pairs, names, eval_pairs)
+    mentions = concept_pattern([concept, *aliases])
+    held_out = [pair for pair in eval_pairs or () if mentions.search(pair[1])]  # MIA's non-members
     adapter = load_model(model, pretrained, device)
     return forget_pairs, retain_pairs, eval_images, eval_labels, held_out, adapter
+
+
+def _eval_set(forgets: Mapping[str, Sequence], retain_pairs: Sequence, names: Sequence[str],
+              eval_pairs: Sequence | None) -> tuple[list, list[int]]:
+    """(images, class indices) the criteria judge: `eval_pairs` labelled by the one class their
+    caption names or, without them, each concept's forget images labelled with the concept
+    and the retain images that name one class."""
+    if eval_pairs is not None:
+        labelled = label_by_class(eval_pairs, names)
+        return labelled.images, labelled.labels
+    others = label_by_class(retain_pairs, names)
+    images = [im for pairs in forgets.values() for im, _ in pairs] + others.images
+    labels = [names.index(c) for c, pairs in forgets.items() for _ in pairs] + others.labels
+    return images, labels
 
 
 def run_apply(model: str, delta: str, out: str | Path, *, pretrained: str | None = None,
@@ -181,3 +349,14 @@ def run_apply(model: str, delta: str, out: str | Path, *, pretrained: str | None
     changed = apply_delta(adapter.model, delta, verify_base=verify_base)
     save_model(adapter, out)
     return {"model": model, "delta": str(delta), "changed": changed, "out": str(out)}
+
+
+def run_revert(model: str, delta: str, out: str | Path, *, pretrained: str | None = None,
+               device: str = "cpu") -> dict:
+    """Undo a revertible delta on a model that carries it and save the restored model to `out`."""
+    out = check_out_dir(out)
+    check_revertible(delta)  # refuse a delta without its original tensors before loading the model
+    adapter = load_model(model, pretrained, device)
+    reverted = revert_delta(adapter.model, delta)
+    save_model(adapter, out)
+    return {"model": model, "delta": str(delta), "reverted": reverted, "out": str(out)}

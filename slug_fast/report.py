@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +45,62 @@ def plot_pareto(stats: LayerStats, members: list[str], front: list[str], chosen:
     return path
 
 
+def pareto_plots(result, label: str = "") -> dict[str, tuple[str, Callable[[Path], object]]]:
+    """report.json key -> (file name, write(path)) of the Pareto plot of every tower searched:
+    `pareto_<tower>.png` for an UnlearnResult, `pareto_<concept>_<tower>.png` per concept of
+    a ManyResult (slug_fast.many; a concept's name with its spaces and any character other than
+    letters, digits, '.', '-' and '_' made '_', its position appended where two names would
+    meet; "concept<i>" for a name of none of those)."""
+    runs = [("", label, result)]
+    if hasattr(result, "concepts"):
+        parts = [_file_part(c.name, i) for i, c in enumerate(result.concepts.values())]
+        parts = [p if parts.count(p) == 1 else f"{p}_{i + 1}" for i, p in enumerate(parts)]  # "a b", "a/b"
+        runs = [(f"{part}_", c.name, c) for part, c in zip(parts, result.concepts.values())]
+    plots = {}
+    for prefix, title, run in runs:
+        for tower, front in run.fronts.items():
+            members = [n for n in run.stats.names if n in run.tower_members.get(tower, ())]
+            plots[f"pareto_{prefix}{tower}"] = (
+                f"pareto_{prefix}{tower}.png",
+                lambda path, run=run, members=members, front=front, name=f"{title}: {tower} tower".strip(": "):
+                    plot_pareto(run.stats, members, front, run.layers, path, name))
+    return plots
+
+
+def _file_part(name: str, index: int) -> str:
+    """A concept's name as a part of a file name: no path separator, no space."""
+    part = re.sub(r"[^\w.-]+", "_", name).strip("_")
+    return part if part.strip(".") else f"concept{index + 1}"
+
+
+def plot_interference(interference, path: str | Path, title: str) -> Path:
+    """A grid of every concept's criterion (columns) after each edit (rows): green where it
+    holds, red where not, labelled with the first numeric metric the criteria report."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    rows, cols = len(interference.after), len(interference.concepts)
+    fig = Figure(figsize=(1.6 + 1.3 * cols, 1.0 + 0.45 * rows), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow([[1.0 if ok else 0.0 for ok in row] for row in interference.satisfied],
+              cmap=ListedColormap(["#f4a6a6", "#a8d5a2"]), vmin=0, vmax=1, aspect="auto")
+    metric = next(iter(interference.metric_names()), None)
+    if metric is not None:
+        for i, row in enumerate(interference.values(metric)):
+            for j, value in enumerate(row):
+                ax.text(j, i, _fmt(value), ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(cols), interference.concepts, fontsize=8)
+    ax.set_yticks(range(rows), [f"after {a}" if a != "before" else "before" for a in interference.after], fontsize=8)
+    ax.set_xlabel("criterion of" + (f" (cells: {metric})" if metric else ""))
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
+
+
 def _short(name: str) -> str:
     """A layer name without the parts every layer shares (for plot labels)."""
     for prefix in ("visual.transformer.resblocks.", "transformer.resblocks.", "vision_model.encoder.layers.",
@@ -61,6 +118,8 @@ def _fmt(value) -> str:
 
 def markdown(report: dict) -> str:
     """report.md: what was unlearned, where, the before/after table and the search trace."""
+    if "concepts" in report:
+        return _markdown_many(report)
     lines = [f"# Unlearning report: {report.get('concept', '?')}", ""]
     lines += [f"- layer(s): {', '.join(f'`{n}`' for n in report['layer'])}",
               f"- step: {_fmt(report['step'])}",
@@ -101,10 +160,40 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _markdown_many(report: dict) -> str:
+    """report.md of several concepts: each one's layer and step, the before/after table and
+    the interference grid."""
+    run = report["unlearn"]
+    lines = [f"# Unlearning report: {', '.join(report['concepts'])}", "",
+             f"- order: {', '.join(run['order'])}; layers shared between concepts: "
+             f"{'allowed' if run['share_layers'] else 'no'}; verification rounds: {run['rounds']}",
+             "- seconds: " + ", ".join(f"{k} {_fmt(v)}" for k, v in report["seconds"].items()), "",
+             "| concept | layer(s) | step | searches |", "|---|---|---|---|"]
+    lines += [f"| {name} | {', '.join(f'`{n}`' for n in c['edited'])} | {_fmt(c['step'])} | {c['searches']} |"
+              for name, c in run["concepts"].items()]
+    lines.append("")
+    rows = [(f"{group} {key.removesuffix('_before')}", value, values.get(key.replace("_before", "_after")))
+            for group, values in report.items() if isinstance(values, dict) and group in ("forget", "kept", "retain")
+            for key, value in values.items() if key.endswith("_before")]
+    if rows:
+        lines += ["| metric | before | after |", "|---|---|---|"]
+        lines += [f"| {name} | {_fmt(b)} | {_fmt(a)} |" for name, b, a in rows]
+        lines.append("")
+    grid = run["interference"]
+    lines += ["## Interference: every criterion after each edit", "",
+              "| after | " + " | ".join(grid["concepts"]) + " | utility |",
+              "|---|" + "---|" * (len(grid["concepts"]) + 1)]
+    lines += [f"| {after} | " + " | ".join("met" if ok else "not met" for ok in row) + f" | {_fmt(u)} |"
+              for after, row, u in zip(grid["after"], grid["satisfied"], grid["utility"])]
+    lines.append("")
+    return "\n".join(lines)
+
+
 def write_outputs(out: str | Path, report: dict, result,
                   extra: dict[str, tuple[str, Callable[[Path], object]]] | None = None) -> dict[str, str]:
-    """Write delta/, report.md, pareto_<tower>.png, the `extra` files and last report.json
-    (listing them all) into `out`; returns what went where.
+    """Write delta/ (revertible: slug_fast.revert_delta), report.md, the Pareto plots
+    (pareto_plots), the `extra` files and last report.json (listing them all) into `out`;
+    returns what went where.
 
     extra maps a key of report.json's "files" to (file name, write(path)). The set is staged
     and swapped in by files.replace_dir: where `out` holds only outputs of an earlier run (the
@@ -113,7 +202,7 @@ def write_outputs(out: str | Path, report: dict, result,
     Outputs of the earlier run that this one does not write go with the old set; no other
     file in `out` is touched.
     """
-    from .delta import CONFIG_FILE, TENSORS_FILE
+    from .delta import CONFIG_FILE, ORIGINALS_FILE, TENSORS_FILE
     from .errors import DeltaError
     from .files import replace_dir, write_json_atomic
 
@@ -123,20 +212,15 @@ def write_outputs(out: str | Path, report: dict, result,
         raise DeltaError(f"{delta} exists and is not a directory; a delta is saved as a directory")
     # a delta/ holding files of its own keeps them: swap only the pair inside it
     delta_own_files = delta.is_symlink() or delta.is_dir() and any(
-        p.name not in (TENSORS_FILE, CONFIG_FILE) for p in delta.iterdir())
+        p.name not in (TENSORS_FILE, ORIGINALS_FILE, CONFIG_FILE) for p in delta.iterdir())
     previous = {n for n in _previous_outputs(out) if n != "delta" or not delta_own_files}
     files = {"delta": str(delta)}
 
     def write(staging: Path) -> list[str]:
-        result.save(staging / "delta")
-        names = [f"delta/{TENSORS_FILE}", f"delta/{CONFIG_FILE}"] if delta_own_files else ["delta"]
-        for tower, front in result.fronts.items():
-            members = [n for n in result.stats.names if n in result.tower_members.get(tower, ())]
-            plot_pareto(result.stats, members, front, result.layers, staging / f"pareto_{tower}.png",
-                        f"{report.get('concept', '')}: {tower} tower".strip(": "))
-            files[f"pareto_{tower}"] = str(out / f"pareto_{tower}.png")
-            names.append(f"pareto_{tower}.png")
-        for key, (name, write_file) in (extra or {}).items():
+        result.save(staging / "delta", revertible=True)
+        names = [f"delta/{n}" for n in (TENSORS_FILE, ORIGINALS_FILE, CONFIG_FILE)] if delta_own_files \
+            else ["delta"]
+        for key, (name, write_file) in {**pareto_plots(result, report.get("concept", "")), **(extra or {})}.items():
             write_file(staging / name)
             files[key] = str(out / name)
             names.append(name)
@@ -160,7 +244,7 @@ def _previous_outputs(out: Path) -> list[str]:
     if not isinstance(files, dict):
         return []
     ours = [Path(v) for k, v in files.items() if isinstance(k, str) and isinstance(v, str)
-            and (k in ("delta", "report_md", "report_json", "similarity") or k.startswith("pareto_"))]
+            and (k in ("delta", "report_md", "report_json", "similarity", "interference") or k.startswith("pareto_"))]
     return [p.name for p in ours if p.name and p.parent == out
-            and (p.name in ("delta", "report.md", "report.json", "similarity.png")
+            and (p.name in ("delta", "report.md", "report.json", "similarity.png", "interference.png")
                  or p.name.startswith("pareto_") and p.name.endswith(".png"))]

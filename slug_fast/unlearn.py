@@ -80,6 +80,7 @@ class UnlearnResult:
     # on several processes: {"rank", "world", "partition", "batches" (global counts), "sent" (payload bytes)}
     ranks: dict | None = None
     config: SlugConfig | None = None  # the settings used, group None resolved to the adapter's default
+    originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # edited tensors before the edit
 
     @property
     def writes(self) -> bool:
@@ -102,9 +103,10 @@ class UnlearnResult:
             out["stats"] = self.stats.rows()
         return out
 
-    def save(self, path: str | os.PathLike):
+    def save(self, path: str | os.PathLike, revertible: bool = False):
         """Write the delta (only the changed tensors) and its config to directory `path`;
-        among several processes only rank 0 writes (the others return None)."""
+        among several processes only rank 0 writes (the others return None). `revertible`
+        also stores the edited tensors' original bytes, for slug_fast.revert_delta."""
         if not self.writes:
             return None
         meta = {"method": "slug", "layers": self.edited, "target_layers": self.layers, "tower": self.tower,
@@ -114,7 +116,42 @@ class UnlearnResult:
                         max_evals=self.config.max_evals)
         if self.memory is not None:
             meta["memory_mode"] = self.memory.mode
-        return save_delta(path, self.delta, self.specs, meta)
+        return save_delta(path, self.delta, self.specs, meta, self.originals if revertible else None)
+
+
+@dataclass
+class Target:
+    """What a run differentiates and may edit, resolved before any gradient (see `prepare`)."""
+
+    adapter: Adapter
+    named: dict[str, nn.Parameter]  # the adapter's target parameters by name
+    names: list[str]  # the eligible layers to differentiate
+    rules: dict[str, NameRule]  # tower -> name rule, restricted to `tower`
+    grouped: GroupOf  # the layers a chosen layer moves with
+
+
+def prepare(model, *, adapter: str | Adapter | None, forget_loss: Loss | None, retain_loss: Loss | None,
+            params: Sequence[str] | None, towers: Mapping[str, NameRule] | None, tower: str | Sequence[str] | None,
+            eligible: Callable[[str, Sequence[int]], bool] | None, group: bool | None,
+            adapter_options: Mapping) -> Target:
+    """The adapter for `model` and the layers a run differentiates (see `unlearn`'s arguments)."""
+    if adapter is None and detect_adapter(model) is None and not isinstance(model, Adapter):
+        ad = GenericAdapter(model) if isinstance(model, nn.Module) and forget_loss and retain_loss \
+            else get_adapter(model)  # raises, naming what to pass
+    else:
+        ad = get_adapter(model, adapter, **adapter_options)
+    distributed.reshard(ad.target)  # an FSDP root keeps its parameters gathered after a forward
+    names = resolve_params(ad.target, params if params is not None else ad.param_names())
+    named = dict(ad.target.named_parameters())
+    # only layers that can be chosen are differentiated: no gradient is spent on the rest
+    names = [n for n in names if (eligible or ad.eligible)(n, tuple(named[n].shape))]
+    rules = tower_rules(towers, ad, names, tower)
+    if tower is not None and params is None:  # only the chosen towers' gradients are computed
+        names = in_towers(names, rules)
+    if not names:
+        raise SlugError("no eligible layer to differentiate; eligible layers have >= 2 dims and none of "
+                        "bias/norm/embedding/position/logit_scale in their names")
+    return Target(ad, named, names, rules, group_rule(ad, group))
 
 
 def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, config: SlugConfig | None = None,
@@ -192,25 +229,11 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
         settings.check_several_processes()
         if ranks.rank != 0:
             progress = False
-    if adapter is None and detect_adapter(model) is None and not isinstance(model, Adapter):
-        ad = GenericAdapter(model) if isinstance(model, nn.Module) and forget_loss and retain_loss \
-            else get_adapter(model)  # raises, naming what to pass
-    else:
-        ad = get_adapter(model, adapter, **adapter_options)
     times = {}
     t0 = time.perf_counter()
-    distributed.reshard(ad.target)  # an FSDP root keeps its parameters gathered after a forward
-    names = resolve_params(ad.target, params if params is not None else ad.param_names())
-    named = dict(ad.target.named_parameters())
-    # only layers that can be chosen are differentiated: no gradient is spent on the rest
-    names = [n for n in names if (eligible or ad.eligible)(n, tuple(named[n].shape))]
-    rules = tower_rules(towers, ad, names, tower)
-    if tower is not None and params is None:  # only the chosen towers' gradients are computed
-        names = in_towers(names, rules)
-    if not names:
-        raise SlugError("no eligible layer to differentiate; eligible layers have >= 2 dims and none of "
-                        "bias/norm/embedding/position/logit_scale in their names")
-    grouped = group_rule(ad, group)
+    target = prepare(model, adapter=adapter, forget_loss=forget_loss, retain_loss=retain_loss, params=params,
+                     towers=towers, tower=tower, eligible=eligible, group=group, adapter_options=adapter_options)
+    ad, named, names, rules, grouped = target.adapter, target.named, target.names, target.rules, target.grouped
     device = named[names[0]].device
     meter = PeakMeter(device).start()
     run = GradientPass(ad.target, forget, retain, forget_loss or ad.forget_loss, retain_loss or ad.retain_loss,
@@ -225,7 +248,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
                     memory_plan.passes)
 
     def keep(seen: LayerStats) -> list[str]:  # the chunked store keeps the running fronts' forget gradients
-        fronts_now = _fronts(seen, _usable_by_tower(seen, rules, complete=False), backend)
+        fronts_now = tower_fronts(seen, stats_by_tower(seen, rules, complete=False), backend)
         wanted = [m for front in fronts_now.values() for n in front
                   for m in grouped(n, seen.names)]
         depth = {n: i for i, n in enumerate(run.depth_order or names)}
@@ -239,8 +262,8 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
     times["gradients"] = t1 - t0
 
     stats = grads.layer_stats(backend)
-    tower_names = _usable_by_tower(stats, rules)
-    fronts = _fronts(stats, tower_names, backend)
+    tower_names = stats_by_tower(stats, rules)
+    fronts = tower_fronts(stats, tower_names, backend)
     picks = select_candidates(fronts, strategy, usable_layers(stats.names, stats.importance.tolist()), grouped,
                               grads.depth_order)
     directions_of = grads.directions([n for _, layers in picks for n in layers])
@@ -257,8 +280,8 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
     candidates = []
     for t, layers in tqdm(picks, desc="step search", disable=None if progress is None else not progress,
                           leave=False):
-        candidates.append(_search_layer(ad, t, layers, directions_of, stats, criterion, utility,
-                                        max_evals, backend, cache and not sharded, cache_bytes, ranks))
+        candidates.append(search_candidate(ad, t, layers, directions_of, stats, criterion, utility,
+                                           max_evals, backend, cache and not sharded, cache_bytes, ranks))
     t3 = time.perf_counter()
     times["search"] = t3 - t2
 
@@ -273,13 +296,14 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
 
     distributed.reshard(ad.target)
     targets = ad.edit_params(best.layers)
-    scaled = {n: _scaled(directions_of[n], best.search.step, named[n].dtype) for n in best.layers}
+    scaled = {n: scaled_step(directions_of[n], best.search.step, named[n].dtype) for n in best.layers}
     user_keys = [ad.delta_name(n) for n in best.layers]
-    specs = {k: tensor_spec(distributed.full(targets[k][0])) for k in user_keys}
+    originals = {k: distributed.full(targets[k][0]).detach().clone() for k in user_keys}
     delta = distributed.gather_full({k: scaled[n] for k, (_, n) in targets.items() if k in user_keys})
+    specs = {k: tensor_spec(originals[k], delta[k]) for k in user_keys}
     edit_backend = "torch"
     if apply:
-        params, moves = _edit_inputs(targets, scaled)
+        params, moves = edit_inputs(targets, scaled)
         with LayerEdit(params, moves, backend) as edit:
             # theta0 + delta: exactly what apply_delta reproduces; on several ranks, each
             # keeps it only when every rank made it (else every rank's block restores)
@@ -299,7 +323,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
     return UnlearnResult(best.layers, user_keys, best.tower, best.search.step, best.relative_change,
                          best.search.trace, candidates, fronts, tower_names, stats, times, delta, specs, apply,
                          {"stats": stats.backend, "edit": edit_backend, "adapter": ad.name}, report, shared,
-                         dataclasses.replace(settings, group=grouping(ad, group)))
+                         dataclasses.replace(settings, group=grouping(ad, group)), originals)
 
 
 def _plan_memory(run: GradientPass, names: list[str], budget_spec, store: str, passes: int | None, grouped: GroupOf,
@@ -336,11 +360,11 @@ def _store_for(memory_plan: MemoryPlan, keep, backend: str):
     return FullStore()
 
 
-def _usable_by_tower(stats: LayerStats, rules, complete: bool = True) -> dict[str, list[str]]:
+def stats_by_tower(stats: LayerStats, rules, complete: bool = True) -> dict[str, list[str]]:
     return usable_by_tower(stats.names, stats.importance.tolist(), rules, complete)
 
 
-def _fronts(stats: LayerStats, tower_names: Mapping[str, list[str]], backend: str) -> dict[str, list[str]]:
+def tower_fronts(stats: LayerStats, tower_names: Mapping[str, list[str]], backend: str) -> dict[str, list[str]]:
     """The Pareto front of each tower among its usable layers."""
     def front(members: list[str]) -> list[int]:
         idx = [stats.index(n) for n in members]
@@ -351,7 +375,7 @@ def _fronts(stats: LayerStats, tower_names: Mapping[str, list[str]], backend: st
     return fronts_of(tower_names, front)
 
 
-def _edit_inputs(targets: Mapping[str, tuple], directions: Mapping[str, torch.Tensor]):
+def edit_inputs(targets: Mapping[str, tuple], directions: Mapping[str, torch.Tensor]):
     """(key -> tensor, key -> direction on that tensor's device) for a LayerEdit over mirrors
     too (an FSDP model's DTensors as they are: LayerEdit edits this rank's shards)."""
     params = {k: p for k, (p, _) in targets.items()}
@@ -359,13 +383,13 @@ def _edit_inputs(targets: Mapping[str, tuple], directions: Mapping[str, torch.Te
     return params, moves
 
 
-def _scaled(direction: torch.Tensor, step: float, dtype: torch.dtype) -> torch.Tensor:
+def scaled_step(direction: torch.Tensor, step: float, dtype: torch.dtype) -> torch.Tensor:
     """step * d rounded as LayerEdit rounds it (float32, float64 for float64 parameters);
     a DTensor direction is scaled shard by shard."""
     if distributed.is_dtensor(direction):
         from torch.distributed.tensor import DTensor
 
-        part = _scaled(direction.to_local(), step, dtype)
+        part = scaled_step(direction.to_local(), step, dtype)
         return DTensor.from_local(part, direction.device_mesh, direction.placements, run_check=False,
                                   shape=direction.shape, stride=direction.stride())
     compute = torch.float64 if dtype == torch.float64 else torch.float32
@@ -382,16 +406,19 @@ def _verdict(ranks, fn: Callable[[], object], what: str):
     return fn() if ranks is None else ranks.decide(fn, what)
 
 
-def _search_layer(ad, tower, layers, directions_of, stats, criterion, utility, max_evals, backend, cache=True,
-                  cache_bytes=DEFAULT_MAX_BYTES, ranks=None):
+def search_candidate(ad, tower, layers, directions_of, stats, criterion, utility, max_evals, backend, cache=True,
+                     cache_bytes=DEFAULT_MAX_BYTES, ranks=None, start: float | None = None) -> Candidate:
+    """Step search of one candidate (`layers`, moving along `directions_of`) on the model as it
+    is now, which is restored afterwards; `start` defaults to SLUG's start step."""
     rows = [stats.index(n) for n in layers]
     theta_norm = math.sqrt(float((stats.param_norm[rows] ** 2).sum()))
     grad_norm = math.sqrt(float((stats.forget_norm[rows] ** 2).sum()))
-    start = start_step(theta_norm, grad_norm)
+    if start is None:
+        start = start_step(theta_norm, grad_norm)
     model = ad.model
 
     distributed.reshard(ad.target)
-    params, moves = _edit_inputs(ad.edit_params(layers), directions_of)
+    params, moves = edit_inputs(ad.edit_params(layers), directions_of)
     with LayerEdit(params, moves, backend) as edit, \
             (upstream_replay(ad.target, edit, linear=cache == "linear", max_bytes=cache_bytes) if cache
              else contextlib.nullcontext()):

@@ -44,6 +44,26 @@ def test_demo_writes_a_report_and_a_delta(tmp_path):
     assert list(tensors) == report["layer"] == config["layers"] and config["step"] == report["step"]
 
 
+def test_demo_forgets_several_digits_and_writes_a_revertible_stack(tmp_path):
+    out = run("demo", "--forget", "seven,three", "--out", str(tmp_path / "o"), "--quiet", module=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report == json.loads((tmp_path / "o" / "report.json").read_text())
+    written = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert {"delta", "interference.png", "report.json", "report.md"} <= set(written)
+    plots = [n for n in written if n.startswith("pareto_")]
+    assert plots and all(re.fullmatch(r"pareto_(seven|three)_(vision|text)\.png", n) for n in plots)
+    assert (tmp_path / "o" / "interference.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["unlearn"]["order"] == ["seven", "three"]
+    assert report["forget"]["seven_top1_after"] == report["forget"]["three_top1_after"] == 0.0
+    assert report["forget"]["seven_top1_before"] > 50 and report["forget"]["three_top1_before"] > 50
+    assert report["unlearn"]["interference"]["satisfied"][-1] == [True, True]
+    assert "## Interference" in (tmp_path / "o" / "report.md").read_text()
+    _, config = slug_fast.load_delta(tmp_path / "o" / "delta")
+    assert config["revertible"] and [c["name"] for c in config["concepts"]] == ["seven", "three"]
+    assert (tmp_path / "o" / "delta" / "original.safetensors").is_file()
+
+
 def test_backends_reports_json():
     out = run("backends", module=True)
     info = json.loads(out.stdout)
@@ -54,6 +74,8 @@ def test_backends_reports_json():
     (["demo", "--forget", "eleven"], "unknown digit 'eleven'; choose one of zero, one"),
     (["demo", "--epochs", "0"], "expected a positive integer, got 0"),
     (["demo", "--strategy", "fastest"], "invalid choice: 'fastest'"),
+    (["demo", "--forget", "seven,eleven"], "unknown digit 'eleven'"),
+    (["demo", "--forget", "seven,7"], "a digit is named twice in 'seven,7'"),
     (["unlearn-everything"], "invalid choice"),
     ([], "the following arguments are required: command"),
 ])

@@ -230,7 +230,7 @@ def expected_after(model, res):
 def test_the_saved_config_records_the_runs_settings_and_round_trips(tmp_path):
     _, res, path = saved(tmp_path, config=SlugConfig(**CHOSEN))
     raw = json.loads((path / CONFIG_FILE).read_text())
-    assert raw["version"] == "1.1" and raw["format"] == "slug_fast.delta"
+    assert raw["version"] == "1.2" and raw["format"] == "slug_fast.delta"
     assert {k: raw[k] for k in ("strategy", "group", "cache", "max_evals", "memory_mode")} == dict(
         strategy="deepest", group=True, cache=False, max_evals=4, memory_mode="chunked")
     assert raw["slug_fast_version"] == PYPROJECT_VERSION == slug_fast.__version__
@@ -274,7 +274,7 @@ def test_a_newer_minor_version_applies_with_a_warning_naming_the_unknown_keys(tm
     with pytest.warns(UserWarning) as caught:
         assert slug_fast.apply_delta(target, path) == res.edited
     message = str(caught[0].message)
-    assert "delta format 1.7, newer than the 1.1 this slug_fast" in message
+    assert "delta format 1.7, newer than the 1.2 this slug_fast" in message
     assert message.endswith("not used: future_setting, tensors[*].scale_hint")
     named = dict(target.named_parameters())
     assert all(torch.equal(named[n].detach(), expected[n]) for n in expected)
@@ -298,11 +298,11 @@ def test_a_newer_minor_version_with_nothing_unknown_and_version_1_read_silently(
 
 @pytest.mark.parametrize("version, match", [
     ("2.0", r"has delta format version 2\.0, a newer major version than this slug_fast \(.+\) reads: 1\.x, up "
-            r"to 1\.1; upgrade slug_fast to read it"),
+            r"to 1\.2; upgrade slug_fast to read it"),
     (2, r"has delta format version 2\.0, a newer major version"),
     ("0.9", r"has delta format version 0\.9, another major version than this slug_fast \(.+\) reads: 1\.x, up "
-            r"to 1\.1$"),
-    ("1.1.0", r"has version '1\.1\.0'; expected a delta format version such as '1\.1'"),
+            r"to 1\.2$"),
+    ("1.1.0", r"has version '1\.1\.0'; expected a delta format version such as '1\.2'"),
 ])
 def test_another_major_version_is_refused_saying_which_and_what_is_read(tmp_path, version, match):
     _, _, path = saved(tmp_path)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from slug_fast.data import (Pairs, concept_pattern, pairs_from, read_image_folder, read_webdataset,
-                            split_by_concept)
+                            split_by_concept, split_by_concepts)
 from slug_fast.errors import SlugError
 
 
@@ -229,3 +229,18 @@ def test_split_by_concept_errors():
         split_by_concept(pairs, ["Joanne", "Annual"])
     with pytest.raises(SlugError, match="concept must be a non-empty name"):
         split_by_concept(pairs, "  ")
+
+
+def test_split_by_concepts_gives_each_concept_its_mentions_and_retains_the_rest():
+    image = torch.zeros(3, 2, 2)
+    captions = ["Ann at home", "Musk and Ann", "Elon Musk talks", "a dog", "a cat", "Annual report"]
+    forgets, retain = split_by_concepts([(image, c) for c in captions], {"Ann": (), "Elon Musk": ("Musk",)})
+    assert forgets["Ann"].captions == ["Ann at home", "Musk and Ann"]  # a caption naming both is in both
+    assert forgets["Elon Musk"].captions == ["Musk and Ann", "Elon Musk talks"]
+    assert retain.captions == ["a dog", "a cat", "Annual report"]  # and never retained
+    assert split_by_concepts([(image, c) for c in captions], ["Ann", "dog"])[1].captions == ["Elon Musk talks",
+                                                                                            "a cat", "Annual report"]
+    with pytest.raises(SlugError, match="no caption among 6 pairs .*mentions 'Zed'"):
+        split_by_concepts([(image, c) for c in captions], ["Ann", "Zed"])
+    with pytest.raises(SlugError, match="every one of the 2 captions mentions one of 'Ann', 'dog'"):
+        split_by_concepts([(image, "Ann"), (image, "a dog")], ["Ann", "dog"])

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import slug_fast
 from slug_fast import delta as delta_mod
 from slug_fast import files, loading, report
-from slug_fast.delta import CONFIG_FILE, TENSORS_FILE, load_delta, save_delta, tensor_spec
+from slug_fast.delta import CONFIG_FILE, ORIGINALS_FILE, TENSORS_FILE, load_delta, save_delta, tensor_spec
 from slug_fast.errors import DeltaError, NonFiniteError, SlugError
 
 EDITED = ("0.weight", "1.bias")
@@ -181,7 +181,9 @@ def test_new_delta_folder_gets_the_usual_permissions(tmp_path):
 
 def fake_result(model, seed, towers=("text", "vision")):
     delta, specs = make_delta(model, seed=seed)
-    return SimpleNamespace(save=lambda path: save_delta(path, delta, specs, {"step": float(seed)}),
+    return SimpleNamespace(save=lambda path, revertible=False: save_delta(
+                               path, delta, specs, {"step": float(seed)},
+                               {n: dict(model.named_parameters())[n].detach() for n in delta} if revertible else None),
                            fronts={t: [] for t in towers}, stats=SimpleNamespace(names=[]),
                            tower_members={}, layers=list(EDITED))
 
@@ -211,7 +213,7 @@ def test_write_outputs_failing_midway_leaves_the_old_set(tmp_path, monkeypatch):
                                  fake_result(model, 1), {"similarity": ("similarity.png", fake_similarity(1))})
     kept = snapshot(out)
     assert set(kept) >= {"report.json", "report.md", "pareto_text.png", "pareto_vision.png", "mine.txt",
-                         "similarity.png", f"delta/{TENSORS_FILE}", f"delta/{CONFIG_FILE}"}
+                         "similarity.png", f"delta/{TENSORS_FILE}", f"delta/{ORIGINALS_FILE}", f"delta/{CONFIG_FILE}"}
     assert first["similarity"] == str(out / "similarity.png")
     assert json.loads((out / "report.json").read_text())["files"] == first
     monkeypatch.setattr(report, "plot_pareto", fake_plot(fail_at=2))
@@ -281,7 +283,7 @@ def test_write_outputs_over_an_earlier_run_swaps_the_whole_set_at_once(tmp_path,
     files_ = report.write_outputs(out, {"concept": "two", "layer": [], "step": 2.0, "seconds": {}},
                                   fake_result(model, 2, towers=("vision",)))
     new = snapshot(out)
-    assert sorted(new) == sorted([f"delta/{CONFIG_FILE}", f"delta/{TENSORS_FILE}", "pareto_vision.png", "report.json",
+    assert sorted(new) == sorted([f"delta/{CONFIG_FILE}", f"delta/{TENSORS_FILE}", f"delta/{ORIGINALS_FILE}", "pareto_vision.png", "report.json",
                                   "report.md"])  # the earlier run's pareto_text.png and similarity.png went with it
     assert json.loads(new["report.json"])["files"] == files_ and load_delta(out / "delta")[1]["step"] == 2.0
     # a reader looking at any moment sees the old set, the new set or (two renames) nothing
@@ -443,7 +445,7 @@ def test_save_delta_under_a_file_is_a_delta_error(tmp_path):
     (lambda c: c["tensors"]["0.weight"].pop("base_sha256"), "base_sha256 'None'"),
     (lambda c: c["tensors"]["1.bias"].update(base_sha256=7), "64 lowercase hex"),
     (lambda c: c.update(version=True), "has version True"),
-    (lambda c: c.update(version="1.x"), "has version '1.x'; expected a delta format version such as '1.1'"),
+    (lambda c: c.update(version="1.x"), "has version '1.x'; expected a delta format version such as '1.2'"),
     (lambda c: c.update(version="3.1"), r"version 3.1, a newer major version than this slug_fast \(.+\) reads: 1.x"),
     (lambda c: c.update(version=0), r"version 0.0, another major version than this slug_fast \(.+\) reads: 1.x"),
     (lambda c: c.update(step="1.5"), "has step '1.5'; expected a number"),

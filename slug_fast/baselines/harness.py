@@ -103,22 +103,23 @@ class BaselineResult:
     def reached(self) -> bool:
         return self.best is not None
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, revertible: bool = False) -> Path:
         """Write the best setting's change as a delta (slug_fast.delta, as UnlearnResult.save):
-        apply_delta on the original model then gives exactly the weights `state` holds."""
+        apply_delta on the original model then gives exactly the weights `state` holds;
+        `revertible` also stores the original tensors (slug_fast.revert_delta)."""
         if not self.state:
             raise SlugError(f"{self.method}: no setting met the criterion, so there is no change to save"
                             if self.best is None else f"{self.method}: the best setting changed no weight, so "
                             "there is no change to save")
-        delta, specs = {}, {}
+        delta, specs, originals = {}, {}, {}
         for n, edited in self.state.items():
             key, dtype = self.delta_names[n]
-            base = self.base[n].to(dtype)
+            originals[key] = base = self.base[n].to(dtype)
             delta[key] = exact_change(key, base, edited.to(dtype))
-            specs[key] = tensor_spec(base)
+            specs[key] = tensor_spec(base, delta[key])
         meta = {"method": self.method, "layers": list(delta), "setting": self.best.hyper,
                 "details": self.best.details}
-        return save_delta(path, delta, specs, meta)
+        return save_delta(path, delta, specs, meta, originals if revertible else None)
 
     def to_dict(self) -> dict:
         """A JSON-ready summary, every setting and its trace included."""
