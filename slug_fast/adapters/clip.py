@@ -82,7 +82,12 @@ class ClipFamilyAdapter(Adapter):
     @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         """Normalised text embeddings of strings."""
-        return F.normalize(self.encode_tokens(self.target, self.tokens(list(texts))), dim=-1)
+        return self.token_features(self.tokens(list(texts)))
+
+    @torch.no_grad()
+    def token_features(self, tokens) -> torch.Tensor:
+        """Normalised text embeddings of texts already tokenized (`tokens(texts)`)."""
+        return F.normalize(self.encode_tokens(self.target, tokens), dim=-1)
 
 
 def stack_images(images, preprocess, what: str) -> torch.Tensor:

@@ -112,12 +112,20 @@ class ZeroShotClassifier:
             bad = [t for t in self.templates if "{}" not in t][:3]
             raise SlugError(f"every template needs a '{{}}' where the class name goes, e.g. 'a photo of {{}}.'; "
                             f"got {bad or 'no templates'}")
+        if text_batch_size < 1:
+            raise SlugError(f"text_batch_size must be at least 1, got {text_batch_size}")
         self.text_batch_size = text_batch_size
+        self._tokens = None  # (device, the prompts' token batches): the prompts never change
         self._weights = TowerCache(self.adapter, "text", self._encode_classes)
 
     def _encode_classes(self) -> torch.Tensor:
-        texts = [t.format(c) for c in self.class_names for t in self.templates]
-        emb = encode_texts(self.adapter, texts, self.text_batch_size)
+        device = self.adapter.device
+        if self._tokens is None or self._tokens[0] != device:  # made again only if the model moved
+            texts = [t.format(c) for c in self.class_names for t in self.templates]
+            step = self.text_batch_size
+            self._tokens = device, [self.adapter.tokens(texts[i:i + step]) for i in range(0, len(texts), step)]
+        with training_state(self.adapter.target, train=False):
+            emb = torch.cat([self.adapter.token_features(tokens).float() for tokens in self._tokens[1]])
         emb = emb.view(len(self.class_names), len(self.templates), -1).mean(dim=1)
         return F.normalize(emb, dim=-1)
 
