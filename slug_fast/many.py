@@ -261,8 +261,8 @@ def unlearn_many(model, concepts: Mapping[str, tuple[Iterable, Criterion]], reta
     if settings.memory_budget is not None or settings.store not in ("auto", "full") or settings.passes is not None:
         raise SlugError("unlearn_many keeps each concept's gradients in memory (the full store): leave "
                         "memory_budget, store and passes unset (they apply to unlearn)")
-    prepared_concepts = _checked_concepts(concepts)
-    names_in_order = _checked_order(order, list(prepared_concepts))
+    checked = _checked_concepts(concepts)
+    names_in_order = _checked_order(order, list(checked))
     if type(max_rounds) is not int or max_rounds < 0:
         raise SlugError(f"max_rounds must be a non-negative integer, got {max_rounds!r}")
     if utility is not None and not callable(utility):
@@ -288,7 +288,7 @@ def unlearn_many(model, concepts: Mapping[str, tuple[Iterable, Criterion]], reta
     prepared = {}
     for name in tqdm(names_in_order, desc="forget gradients", disable=None if progress is None else not progress,
                      leave=False):
-        forget, criterion = prepared_concepts[name]
+        forget, criterion = checked[name]
         prepared[name] = _prepare_concept(name, forget, criterion, gradient_pass(forget, None), retain_grads,
                                           target, settings.strategy, backend)
     del retain_grads
