@@ -312,8 +312,8 @@ def unlearn_many(model, concepts: Mapping[str, tuple[Iterable, Criterion]], reta
         rounds = 0
         while interference.failing() and rounds < max_rounds:
             rounds += 1
-            for name in interference.failing():
-                run.research(results[name])
+            for i, name in enumerate(interference.failing()):
+                run.research(results[name], seen_failing=i == 0)  # later ones: the model changed since the row
             run.record(f"round {rounds}")
         if interference.failing():
             run.scale_together(results)
@@ -439,16 +439,17 @@ class _Run:
             outcomes = [criterion_result(self.prepared[n].criterion(self.model)) for n in self.interference.concepts]
             return all(ok for ok, _ in outcomes), {"scale": t}
 
-        found = search_step(evaluate, 1.0, self.max_evals)
+        found = search_step(evaluate, 2.0, self.max_evals, fails_at=1.0)  # t = 1 is the row that failed
         scale(found.step if found.reached else 1.0)
         if found.reached:
             for name, r in results.items():
                 r.step, r.relative_change = steps[name] * found.step, r.relative_change * found.step
             self.record(f"scaled x{found.step:.4g}")
 
-    def research(self, result: ConceptResult) -> None:
-        """The concept's step searched again on the model carrying every other concept's edit,
-        from its current step."""
+    def research(self, result: ConceptResult, seen_failing: bool) -> None:
+        """The concept's step searched again on the model carrying every other concept's edit;
+        from twice its current step when the last row saw that step fail on this very model,
+        else from the current step."""
         p = self.prepared[result.name]
         t0 = time.perf_counter()
         keys = list(self.ad.edit_params(result.layers))
@@ -456,7 +457,8 @@ class _Run:
         try:
             again = search_candidate(self.ad, result.tower, result.layers, self.directions[result.name], p.stats,
                                      p.criterion, self.utility, self.max_evals, self.backend, self.cache,
-                                     DEFAULT_MAX_BYTES, start=result.step)
+                                     DEFAULT_MAX_BYTES, start=(2 if seen_failing else 1) * result.step,
+                                     fails_at=result.step if seen_failing else 0.0)
         finally:
             self.stack.write(keys)
         result.researches.append(again)

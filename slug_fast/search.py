@@ -91,17 +91,19 @@ def check_max_evals(max_evals) -> int:
     return max_evals
 
 
-def search_step(evaluate: Evaluator, start: float, max_evals: int = 10) -> SearchResult:
+def search_step(evaluate: Evaluator, start: float, max_evals: int = 10, fails_at: float = 0.0) -> SearchResult:
     """Smallest step in the search path where `evaluate` says the criterion holds.
 
-    lo = 0, hi = inf; at each step: if satisfied, hi = step, else lo = step; the next
-    step doubles while hi is inf and bisects (lo + hi) / 2 after. At most `max_evals`
-    evaluations.
+    lo = fails_at (a step already known to fail, 0 by default), hi = inf; at each step: if
+    satisfied, hi = step, else lo = step; the next step doubles while hi is inf and bisects
+    (lo + hi) / 2 after. At most `max_evals` evaluations.
     """
     if not (math.isfinite(start) and start > 0):
         raise SlugError(f"the start step must be a positive finite number, got {start}")
+    if not (math.isfinite(fails_at) and 0 <= fails_at < start):
+        raise SlugError(f"fails_at must be a step below the start step {start}, got {fails_at}")
     check_max_evals(max_evals)
-    lo, hi, step = 0.0, math.inf, float(start)
+    lo, hi, step = float(fails_at), math.inf, float(start)
     trace: list[Evaluation] = []
     for _ in range(max_evals):
         t0 = time.perf_counter()

@@ -407,9 +407,11 @@ def _verdict(ranks, fn: Callable[[], object], what: str):
 
 
 def search_candidate(ad, tower, layers, directions_of, stats, criterion, utility, max_evals, backend, cache=True,
-                     cache_bytes=DEFAULT_MAX_BYTES, ranks=None, start: float | None = None) -> Candidate:
+                     cache_bytes=DEFAULT_MAX_BYTES, ranks=None, start: float | None = None,
+                     fails_at: float = 0.0) -> Candidate:
     """Step search of one candidate (`layers`, moving along `directions_of`) on the model as it
-    is now, which is restored afterwards; `start` defaults to SLUG's start step."""
+    is now, which is restored afterwards; `start` defaults to SLUG's start step, `fails_at` is
+    a step known to fail (search_step)."""
     rows = [stats.index(n) for n in layers]
     theta_norm = math.sqrt(float((stats.param_norm[rows] ** 2).sum()))
     grad_norm = math.sqrt(float((stats.forget_norm[rows] ** 2).sum()))
@@ -430,7 +432,7 @@ def search_candidate(ad, tower, layers, directions_of, stats, criterion, utility
             finally:
                 distributed.reshard(ad.target)  # the next forward gathers the next step's shards
 
-        result = search_step(evaluate, start, max_evals)
+        result = search_step(evaluate, start, max_evals, fails_at)
         value = None
         if result.reached:
             if utility is not None:

@@ -212,6 +212,9 @@ def test_verification_re_searches_a_concept_the_next_edit_undid():
     assert rows["before"] == [False, False] and rows["a"] == [True, False] and rows["b"] == [False, True]
     assert result.rounds == 1 and result.interference.after[-1] == "round 1" and rows["round 1"] == [True, True]
     assert result.concepts["a"].searches == 2 and result.concepts["b"].searches == 1
+    before = result.concepts["a"].candidates[0].search.step  # the step the row after B's edit saw fail
+    research = result.concepts["a"].researches[0].search
+    assert research.start == research.trace[0].step == 2 * before and all(e.step > before for e in research.trace)
     assert all(c(model)[0] for _, c in concepts.values())
     steps = {n: result.concepts[n].step for n in ("a", "b")}
     # w = w0 + step_a * g_a + step_b * g_b, each g being its batch (d(w . x)/dw = x)

@@ -52,6 +52,17 @@ def test_follows_the_published_schedule():
     assert calls == pytest.approx([0.1, 0.2, 0.4, 0.3, 0.25, 0.275])
 
 
+def test_a_step_known_to_fail_bounds_the_bisection_from_below():
+    """fails_at = 0.2 (known to fail): from 0.4 (holds) it bisects towards 0.3 within (0.2, 0.4),
+    never trying the known step or below it."""
+    evaluate, calls = threshold(0.3)
+    result = search_step(evaluate, 0.4, 4, fails_at=0.2)
+    assert calls == pytest.approx([0.4, 0.3, 0.25, 0.275])
+    assert result.step == pytest.approx(0.3) and min(calls) > 0.2
+    with pytest.raises(SlugError, match="fails_at must be a step below the start step 0.4, got 0.4"):
+        search_step(evaluate, 0.4, fails_at=0.4)
+
+
 def test_never_reached_reports_the_whole_trace():
     result = search_step(lambda s: (False, {}), 1.0, 10)
     assert not result.reached and result.best is None and len(result.trace) == 10
