@@ -28,21 +28,22 @@ def fresh(task):
     return dataclasses.replace(task, model=model.eval())
 
 
-def separate(task):
+def separate(task, options):
     """One unlearn per digit, each on a fresh copy of the original model: (seconds, kept top-1 of each)."""
     kept, t0 = {}, time.perf_counter()
     for concept in task.concepts:
         copy = fresh(task)
-        slug_fast.unlearn(copy.model, task.forgets[concept], task.retain, copy.criterion(concept), progress=False)
+        slug_fast.unlearn(copy.model, task.forgets[concept], task.retain, copy.criterion(concept), progress=False,
+                         **options)
         kept[concept] = copy.accuracies()["kept_top1"]
     return time.perf_counter() - t0, kept
 
 
-def together(task):
+def together(task, options):
     copy = fresh(task)
     t0 = time.perf_counter()
     result = slug_fast.unlearn_many(copy.model, {c: (task.forgets[c], copy.criterion(c)) for c in task.concepts},
-                                    task.retain, progress=False)
+                                    task.retain, progress=False, **options)
     return time.perf_counter() - t0, result, copy
 
 
@@ -50,8 +51,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sets", nargs="+", default=list(SETS))
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--strategy", default="best", choices=("best", "deepest"))
+    ap.add_argument("--max-evals", type=int, default=10)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    options = {"strategy": args.strategy, "max_evals": args.max_evals}
     rows = []
     for digit_set in args.sets:
         task = demo_many_task(digit_set)
@@ -60,14 +64,14 @@ def main():
         for r in range(args.rounds):  # the two take turns going first
             for which in (("many", "apart") if r % 2 == 0 else ("apart", "many")):
                 if which == "many":
-                    seconds, result, final = together(task)
+                    seconds, result, final = together(task, options)
                     times_many.append(seconds)
                 else:
-                    seconds, kept_single = separate(task)
+                    seconds, kept_single = separate(task, options)
                     times_apart.append(seconds)
         after = final.accuracies()
         outcomes = {c: bool(final.criterion(c)(final.model)[0]) for c in task.concepts}
-        row = {"digits": task.concepts, "order": result.order, "criteria_met": outcomes,
+        row = {"digits": task.concepts, **options, "order": result.order, "criteria_met": outcomes,
                "layers": {c: result.concepts[c].edited for c in task.concepts},
                "rounds": result.rounds, "kept_top1_before": before["kept_top1"], "kept_top1_many": after["kept_top1"],
                "kept_top1_single": kept_single, "worst_single": min(kept_single.values()),
