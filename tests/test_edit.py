@@ -137,13 +137,19 @@ def test_bfloat16_steps_come_from_theta0_not_from_the_last_value(gen):
 
 
 def test_edit_keeps_autograd_working(gen):
+    """The gradient through the edited weight equals a float64 one at theta0 + 0.1 d."""
     model = model_of(torch.float32, gen)
+    before = {n: t.double() for n, t in snapshot(model).items()}
     d = torch.randn(65, 33, generator=gen)
+    x = torch.randn(2, 33, generator=gen)
     with slug_fast.LayerEdit(model, {"0.weight": d}) as edit:
         edit.step(0.1)
         edit.commit()
-    model(torch.randn(2, 33)).sum().backward()
-    assert model[0].weight.grad is not None
+    model(x).sum().backward()
+    w = (before["0.weight"] + 0.1 * d.double()).requires_grad_()
+    h = torch.nn.functional.gelu(x.double() @ w.T + before["0.bias"])
+    want, = torch.autograd.grad((h @ before["2.weight"].T + before["2.bias"]).sum(), w)
+    assert torch.allclose(model[0].weight.grad.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_directions_are_refused_and_nothing_changes(gen):

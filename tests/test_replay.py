@@ -472,3 +472,54 @@ def test_plain_sequential_with_changing_widths_and_a_watching_hook():
     assert len(set(seen)) == 1 and len(seen) == 2 * len(STEPS)  # the hook saw the true value every call
     stack = stats["stacks"][""]
     assert stack["boundary"] == 4 and stack["hits"] == len(STEPS) - 1 and stack["materialized"] > 0
+
+
+def sequential_and_input():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 6),
+                                torch.nn.Linear(6, 3)).eval()
+    return model, torch.randn(5, 8)
+
+
+def test_an_upstream_weight_changed_in_place_is_not_replayed():
+    """Same tensor, same pointer, only its version moved: the replayed blocks must run again."""
+    model, x = sequential_and_input()
+    with LayerEdit(model, {"3.weight": direction_for(model[3].weight, 10)}) as edit, torch.no_grad():
+        with upstream_replay(model, edit) as replay:
+            edit.step(0.3)
+            model(x)
+            model[0].weight.mul_(2)
+            got = model(x)
+            edit.step(0.3)
+            again = model(x)
+            assert replay.stats()["stacks"][""]["boundary"] == 3
+        want = model(x)
+    assert torch.equal(got, want) and torch.equal(again, want)
+
+
+def test_linear_cache_sees_its_input_changed_in_place():
+    """The same input tensor with new values (x.mul_(2)) between two calls."""
+    model, x = sequential_and_input()
+    with LayerEdit(model, {"0.weight": direction_for(model[0].weight, 11)}) as edit, torch.no_grad():
+        edit.step(0.3)
+        with upstream_replay(model, edit, linear=True) as replay:
+            model(x)
+            x.mul_(2)
+            got = model(x)
+            stats = replay.stats()["linears"]["0"]
+        check(got, model(x), exact=False)
+    assert stats["misses"] == 2  # the cache was on: the first call recorded, the second missed
+
+
+def test_linear_cache_follows_a_weight_written_after_the_step():
+    """A write to the weight that is not the edit's step: the output follows the weight in place."""
+    model, x = sequential_and_input()
+    with LayerEdit(model, {"0.weight": direction_for(model[0].weight, 12)}) as edit, torch.no_grad():
+        edit.step(0.3)
+        with upstream_replay(model, edit, linear=True) as replay:
+            model(x)
+            model[0].weight.add_(0.5)
+            got = model(x)
+            stats = replay.stats()["linears"]["0"]
+        check(got, model(x), exact=False)
+    assert (stats["misses"], stats["bypassed"]) == (1, 1)  # products recorded, then not used

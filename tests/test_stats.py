@@ -143,14 +143,44 @@ def test_without_retain_gradients(backend, gen):
     assert stats.retain_norm[0].item() == 0 and stats.alignment[0].item() == 0
 
 
+COLUMNS = ("param_norm", "forget_norm", "retain_norm", "dot", "importance", "alignment")
+
+
+def float32_layers(gen, n=3):
+    return {f"l{i}": make_layer((257, 129), torch.float32, gen) for i in range(n)}
+
+
+def on(backend, layers):
+    """(params, forget, retain) dicts of `layers` on `backend`'s device."""
+    dev = device_for(backend)
+    return tuple({n: v[k].to(dev) for n, v in layers.items()} for k in range(3))
+
+
 @pytest.mark.parametrize("backend", available(["cpp"]) + [TRITON])
 def test_backends_agree_run_to_run_bit_identical(backend, gen):
-    dev = device_for(backend)
-    layers = {f"l{i}": tuple(t.to(dev) for t in make_layer((257, 129), torch.float32, gen)) for i in range(3)}
-    args = ({n: v[0] for n, v in layers.items()}, {n: v[1] for n, v in layers.items()},
-            {n: v[2] for n, v in layers.items()})
+    args = on(backend, float32_layers(gen))
     a, b = stats_of(backend, *args), stats_of(backend, *args)
-    assert torch.equal(a.dot, b.dot) and torch.equal(a.param_norm, b.param_norm)
+    assert all(torch.equal(getattr(a, c), getattr(b, c)) for c in COLUMNS)
+
+
+SKIPS = {p.values[0]: p.marks for p in BACKENDS}
+PAIRS = [pytest.param(a, b, marks=[*SKIPS[a], *SKIPS[b]], id=f"{a}-{b}")
+         for a, b in (("cpp", "triton"), ("cpp", "torch"), ("triton", "torch"))]
+
+
+@pytest.mark.parametrize("a,b", PAIRS)
+def test_backends_agree_on_every_statistic(a, b, gen):
+    """cpp, triton and the float64 torch reference, pairwise, on the same tensors."""
+    layers = float32_layers(gen)
+    sa, sb = stats_of(a, *on(a, layers)), stats_of(b, *on(b, layers))
+    rtol = SUM_RTOL[a] + SUM_RTOL[b]
+    for i, (p, f, r) in enumerate(layers.values()):
+        o = oracle(p, f, r)
+        for c in ("param_norm", "forget_norm", "retain_norm", "importance"):
+            assert getattr(sa, c)[i].item() == pytest.approx(getattr(sb, c)[i].item(), rel=2 * rtol), c
+        assert abs(sa.dot[i].item() - sb.dot[i].item()) <= rtol * o["abs_fr"]
+        bound = 2 * rtol * o["abs_fr"] / math.sqrt(o["ff"] * o["rr"])
+        assert abs(sa.alignment[i].item() - sb.alignment[i].item()) <= bound + 1e-12
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,11 +216,28 @@ def test_empty_input_gives_empty_stats():
     assert stats.names == [] and stats.importance.shape == (0,)
 
 
-def test_non_contiguous_gradients_are_handled(gen):
-    p, f, r = make_layer((30, 20), torch.float32, gen)
-    stats = slug_fast.layer_stats({"w": p.T}, {"w": f.T}, {"w": r.T})
-    o = oracle(p, f, r)
-    assert stats.dot[0].item() == pytest.approx(o["fr"], abs=1e-5 * o["abs_fr"])
+@pytest.mark.parametrize("backend", available(["cpp", "torch"]))
+def test_non_contiguous_gradients_are_handled(backend, gen):
+    """A strided slice, a transpose and a contiguous tensor in one layer: every statistic."""
+    p, f, r = make_layer((30, 40), torch.float32, gen)
+    p, f, r = p[:, ::2], f.T.contiguous().T[:, :20], r[:, :20].contiguous()
+    assert not p.is_contiguous() and not f.is_contiguous()
+    stats = slug_fast.layer_stats({"w": p}, {"w": f}, {"w": r}, backend=backend)
+    check(stats, {"w": (p, f, r)}, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_anti_aligned_gradients_have_a_negative_dot_and_a_positive_alignment(backend, seed):
+    """Fixed seeds for the sign the random layers never give: <g_f, g_r> < 0."""
+    gen = torch.Generator().manual_seed(seed)
+    p, f, _ = make_layer((40, 9), torch.float32, gen)
+    r = -0.5 * f + torch.randn(f.shape, generator=gen) * 1e-3
+    layers = {"w": (p, f, r), "opposite": (p, f, -2 * f)}
+    stats = stats_of(backend, *on(backend, layers))
+    check(stats, layers, backend)
+    assert (stats.dot < 0).all() and stats.alignment[0] > 0.9
+    assert stats.alignment[1].item() == pytest.approx(1.0, rel=1e-12)
 
 
 @pytest.mark.parametrize("backend", [TRITON])

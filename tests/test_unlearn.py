@@ -93,6 +93,41 @@ def test_apply_false_leaves_the_model_and_deltas_compose(digits_model, digits_tr
     assert acc[FORGET] < 50 and acc[7] < 50
 
 
+def test_bfloat16_generic_model_delta_is_float32_step_times_g_f():
+    """A bf16 model's delta is step * g_f in float32 and the edit casts theta0 + delta to bf16."""
+    gen = torch.Generator().manual_seed(0)
+
+    def ints(*shape):  # small integers: every bf16 forward and gradient below is exact
+        return torch.randint(-2, 3, shape, generator=gen).double()
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(ints(*p.shape))
+    net = net.bfloat16()
+    xf, xr, sign = ints(8, 4), ints(8, 4), torch.tensor([1.0, -1.0], dtype=torch.float64)
+
+    def forget_loss(m, x):
+        return (m(x.bfloat16()) * sign.bfloat16()).sum()
+
+    def retain_loss(m, x):
+        return m(x.bfloat16()).square().mean()
+
+    theta0 = params_of(net)
+    w64 = [p.detach().double().requires_grad_() for p in net.parameters()]
+    g64 = dict(zip(theta0, torch.autograd.grad(((xf @ w64[0].T @ w64[1].T) * sign).sum(), w64)))
+    for apply in (False, True):
+        res = slug_fast.unlearn(net, [xf], [xr], lambda m: True, forget_loss=forget_loss, retain_loss=retain_loss,
+                                max_evals=3, apply=apply, progress=False)
+        (name, delta), = res.delta.items()
+        assert delta.dtype == torch.float32
+        assert torch.allclose(delta.double(), res.step * g64[name], rtol=2**-22, atol=0)  # + step * g_f
+        edited = (theta0[name].float() + delta).bfloat16()
+        assert not torch.equal(edited, theta0[name])
+        want = {**theta0, name: edited} if apply else theta0
+        assert all(torch.equal(p.detach(), want[n]) and p.dtype == torch.bfloat16 for n, p in net.named_parameters())
+
+
 def test_deepest_strategy_picks_the_deepest_front_layer(digits_model, digits_trained):
     data = digits_trained[1]
     forget, retain = sets(data, FORGET)
