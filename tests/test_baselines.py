@@ -1,5 +1,6 @@
 """Baselines (slug_fast.baselines) on the digits mini-CLIP and against brute-force oracles."""
 import json
+import time
 
 import pytest
 import torch
@@ -143,6 +144,30 @@ def test_early_stop_at_the_first_check_that_holds(check_every, flip_at, digits_m
     assert record.epochs == pytest.approx(stop / per_epoch, abs=1e-4)
 
 
+def test_equal_utilities_go_to_the_setting_with_fewer_steps():
+    """A tie in utility goes to fewer steps, wherever that setting sits in the grid and though it ran slower."""
+    model = torch.nn.Linear(3, 1)
+    with torch.no_grad():
+        model.weight.zero_()
+    batches = [torch.ones(2, 3)] * 4
+
+    def criterion(m):  # ascent on sum(w) raises each weight by lr a step: lr 0.1 needs 3 steps, lr 0.4 one
+        return bool(m.weight[0, 0] >= 0.25), {}
+
+    def utility(m):  # one score for both; the one-step setting is made the slower
+        if m.weight[0, 0] > 0.35:
+            time.sleep(0.2)
+        return 1.0
+
+    for grid in ([0.4, 0.1], [0.1, 0.4]):
+        result = run_baseline("ga", model, batches, batches, criterion, grid=grid, optimizer="sgd", utility=utility,
+                              forget_loss=lambda m, x: m.weight.sum(), retain_loss=lambda m, x: m(x).square().mean(),
+                              apply=False, progress=False)
+        assert sorted(s.steps for s in result.settings) == [1, 3]
+        assert result.best.hyper["lr"] == 0.4 and result.best.steps == 1
+        assert result.best.seconds > max(s.seconds for s in result.settings if s is not result.best)
+
+
 def test_no_setting_reaching_is_reported_and_changes_nothing(digits_model, digits_trained):
     data = digits_trained[1]
     forget, retain = sets(data, FORGET)
@@ -260,6 +285,24 @@ def test_dampening_matches_elementwise_recomputation(gen):
                                   rtol=1e-6, atol=0), n
         assert count == expected_count
         assert torch.equal(work["scale"], params["scale"])  # single-element tensors are left alone
+
+
+def test_dampening_by_hand_and_untouched_weights_stay():
+    """Known answers: dampened only where forget > alpha * full, strictly (a tie stays); zero importance on
+    both sides (an embedding row no batch touches) leaves the weight as it is, not 0/0 = NaN."""
+    p = torch.tensor([[1.0, 2.0, -4.0, 3.0], [5.0, -1.0, 0.5, 8.0]], dtype=torch.float64)
+    f = torch.tensor([[0.0, 4.0, 2.0, 9.0], [0.0, 0.0, 3.0, 1.0]], dtype=torch.float64)
+    o = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    # alpha 2 selects f/o = 4, 9, 3; beta = min((lam * o / f) ** exponent, 1)
+    cases = [((2.0, 1.0, 1.0), [[1, 2 / 4, -4, 3 / 9], [5, -1, 0.5 / 3, 8]]),
+             ((2.0, 2.0, 2.0), [[1, 2 / 4, -4, 3 * 4 / 81], [5, -1, 0.5 * 4 / 9, 8]]),
+             ((2.0, 5.0, 1.0), [[1, 2, -4, 3 * 5 / 9], [5, -1, 0.5, 8]]),  # 5/4 and 5/3 clamp to 1
+             ((1.0, 1.0, 1.0), [[1, 2 / 4, -4 / 2, 3 / 9], [5, -1, 0.5 / 3, 8]])]  # alpha 1 takes f/o = 2 too
+    for (alpha, lam, exponent), expected in cases:
+        work = {"w": p.clone()}
+        count = dampen(work, {"w": f}, {"w": o}, alpha, lam, exponent)
+        assert torch.allclose(work["w"], torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+        assert count == (4 if alpha == 1.0 else 3)
 
 
 def test_importance_is_the_mean_squared_per_batch_gradient(gen):

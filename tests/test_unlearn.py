@@ -49,7 +49,9 @@ def test_unlearn_forgets_keeps_and_round_trips_its_delta(digits_model, digits_tr
 
     after = accuracies(digits_model, data, FORGET)
     assert after["forget_top1"] == 0.0
-    assert after["retain_top1"] >= before["retain_top1"] - 15
+    # the best of the reached candidates; measured +0.2 to +1.4 points over batch seeds 0-3, 1 point (~10 images) margin
+    assert after["retain_top1"] == max(c.utility for c in result.candidates if c.search.reached)
+    assert after["retain_top1"] >= before["retain_top1"] - 1
     drop_f = cos_f - pair_cosine(digits_model, forget)
     drop_r = cos_r - pair_cosine(digits_model, retain)
     assert drop_f > 0.05 and abs(drop_r) < 0.5 * drop_f  # forget pairs move apart, retain pairs barely
@@ -90,7 +92,8 @@ def test_apply_false_leaves_the_model_and_deltas_compose(digits_model, digits_tr
     for n, p in digits_model.named_parameters():
         assert torch.allclose(p.detach().double(), expected[n], atol=1e-6), n
     acc = {label: accuracies(digits_model, data, label)["forget_top1"] for label in (FORGET, 7)}
-    assert acc[FORGET] < 50 and acc[7] < 50
+    # each delta alone reaches 0; together measured 1 image (1.8%) each, at most 2 over batch seeds 0-3
+    assert acc[FORGET] < 5 and acc[7] < 5
 
 
 def test_bfloat16_generic_model_delta_is_float32_step_times_g_f():
