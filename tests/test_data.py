@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from slug_fast.data import (Pairs, concept_pattern, pairs_from, read_image_folder, read_webdataset,
-                            split_by_concept, split_by_concepts)
+from slug_fast.data import (Pairs, concept_pattern, label_by_class, pairs_from, read_image_folder,
+                            read_webdataset, split_by_concept, split_by_concepts)
 from slug_fast.errors import SlugError
 
 
@@ -244,3 +244,13 @@ def test_split_by_concepts_gives_each_concept_its_mentions_and_retains_the_rest(
         split_by_concepts([(image, c) for c in captions], ["Ann", "Zed"])
     with pytest.raises(SlugError, match="every one of the 2 captions mentions one of 'Ann', 'dog'"):
         split_by_concepts([(image, "Ann"), (image, "a dog")], ["Ann", "dog"])
+
+
+def test_label_by_class_keeps_captions_naming_exactly_one_class():
+    pairs = [("i0", "a photo of a Cat"), ("i1", "a dog and a cat"), ("i2", "Catalog: one bird"), ("i3", "a DOG"),
+             ("i4", "a bird, a dog, a cat"), ("i5", "dogs"), ("i6", "the bird sings")]
+    labelled = label_by_class(pairs, ["cat", "dog", "bird"])
+    assert labelled.images == ["i0", "i2", "i3", "i6"]  # "Catalog" is no cat, "dogs" no dog: i2 is a bird
+    assert labelled.labels == [0, 2, 1, 2]
+    assert labelled.ambiguous == 2  # i1 and i4 name several classes; i5 names none and is not counted
+    assert label_by_class([("i", "nothing here")], ["cat"]) == ([], [], 0)

@@ -266,17 +266,23 @@ def phi(x):
 def test_membership_inference_known_answers():
     rng = np.random.default_rng()
     separated = membership_inference(rng.normal(0, 0.1, 400), rng.normal(3, 0.1, 400))
-    assert separated.mean > 99.5 and len(separated.scores) == 50 and separated.n_per_group == 400
-    same = membership_inference(rng.normal(0, 1, 500), rng.normal(0, 1, 500))
-    assert 42 < same.mean < 58
+    assert separated.scores == (100.0,) * 50 and separated.std == 0.0 and separated.n_per_group == 400
+    # identical features: the folds are balanced, so every fold is right on exactly half
+    assert membership_inference(np.full(500, 0.5), np.full(500, 0.5)).scores == (50.0,) * 50
+    # 40 forget samples against 4000 held-out ones: the larger group is subsampled, so still chance, not 99%
+    unbalanced = membership_inference(np.full(40, 2.5), np.full(4000, 2.5), repeats=20)
+    assert unbalanced.n_per_group == 40 and unbalanced.scores == (50.0,) * 100
+    # forget all at 1, held-out half at 1 and half at -1: the best rule (1 -> forget) is right on 3/4 of the
+    # samples, and each repeat tests every sample once in equal folds: each repeat's mean is exactly 75
+    mixed = membership_inference(np.ones(50), np.repeat([1.0, -1.0], 25), repeats=3)
+    assert len(mixed.scores) == 15 and np.reshape(mixed.scores, (3, 5)).mean(1) == pytest.approx([75.0] * 3)
+    assert mixed.mean == pytest.approx(75.0) and mixed.std == pytest.approx(np.std(mixed.scores)) and mixed.std > 0
     # two unit Gaussians d apart: the best threshold is right 100 * Phi(d / 2) % of the time
     d = 2.0
     shifted = membership_inference(rng.normal(d, 1, 1000), rng.normal(0, 1, 1000), repeats=4)
+    assert len(shifted.scores) == 20 and shifted.mean == pytest.approx(np.mean(shifted.scores))
     assert shifted.mean == pytest.approx(100 * phi(d / 2), abs=3.0)
-    assert 0 < shifted.std < 10
-    # 40 forget samples against 4000 held-out ones of the same distribution: still chance, not 99%
-    unbalanced = membership_inference(rng.normal(0, 1, 40), rng.normal(0, 1, 4000), repeats=20)
-    assert unbalanced.n_per_group == 40 and 35 < unbalanced.mean < 65
+    assert shifted.std == pytest.approx(np.std(shifted.scores))  # over every fold, not over repeat means
     two_features = membership_inference(rng.normal(0, 1, (300, 2)) + [0, 3], rng.normal(0, 1, (300, 2)))
     assert two_features.mean == pytest.approx(100 * phi(1.5), abs=5.0)
 
@@ -326,8 +332,13 @@ def test_clip_sample_scores_match_a_float64_brute_force():
     np.testing.assert_allclose(got.distance, distance, atol=1e-5)
     small = clip_sample_scores(adapter, pairs[:5], batch_size=16)  # fewer pairs than a batch: one batch
     np.testing.assert_allclose(small.loss, brute_force_scores(reference, pairs[:5], 16)[0], atol=1e-4)
-    result = clip_membership_inference(adapter, pairs[:20], digit_pairs(data, 20, 100), batch_size=10, repeats=2)
-    assert set(result) == {"loss", "distance"} and all(0 <= r.mean <= 100 for r in result.values())
+    held_out = digit_pairs(data, 20, 100)
+    result = clip_membership_inference(adapter, pairs[:20], held_out, batch_size=10, repeats=2)
+    # the attack on the float64 brute-force scores (features 1e-6 apart at most, far below their spacing)
+    forget_loss, forget_distance = brute_force_scores(reference, pairs[:20], 10)
+    held_out_loss, held_out_distance = brute_force_scores(reference, held_out, 10)
+    assert result == {"loss": membership_inference(forget_loss, held_out_loss, repeats=2),
+                      "distance": membership_inference(forget_distance, held_out_distance, repeats=2)}
 
 
 def test_similarity_matrix_matches_a_float64_brute_force():

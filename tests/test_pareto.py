@@ -83,12 +83,22 @@ def test_eligibility_follows_slug_rules():
     assert not is_eligible("visual.proj", (64,))
 
 
+def test_eligibility_ignores_case():
+    """BERT-style capitalised names are excluded like lower-case ones."""
+    for name in ["encoder.layer.0.attention.output.LayerNorm.weight", "embeddings.Position_Embeddings.weight",
+                 "head.Bias", "LN_final.weight", "Logit_Scale"]:
+        assert not is_eligible(name, (64, 64)), name
+    assert is_eligible("encoder.layer.0.attention.output.Dense.weight", (64, 64))
+
+
 def test_split_towers_and_depth():
     names = ["visual.a.weight", "visual.b.weight", "transformer.c.weight", "text_projection"]
     towers = split_towers(names, {"vision": "visual.", "text": lambda n: True})  # first matching rule wins
     assert towers == {"vision": ["visual.a.weight", "visual.b.weight"],
                       "text": ["transformer.c.weight", "text_projection"]}
-    assert split_towers(names, {"v": re.compile(r"\.b\."), "rest": lambda n: True})["v"] == ["visual.b.weight"]
+    # visual.b.weight matches all three rules and goes to the first only
+    assert split_towers(names, {"v": re.compile(r"\.b\."), "visual": "visual.", "rest": lambda n: True}) == {
+        "v": ["visual.b.weight"], "visual": ["visual.a.weight"], "rest": ["transformer.c.weight", "text_projection"]}
     with pytest.raises(SlugError, match="tower rule for 'audio' matches no eligible parameter"):
         split_towers(names, {"audio": "audio.", "all": lambda n: True})
     assert split_towers(names, {"audio": "audio.", "all": lambda n: True}, allow_empty=True)["audio"] == []
