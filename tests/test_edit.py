@@ -69,7 +69,8 @@ def test_update_matches_float64_oracle_and_reference_bits(backend, dtype, direct
     exact = base.double() + step * d.double()
     eps = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float64: 2**-53}[dtype]
     slack = 4 * 2**-24 * (base.double().abs() + step * d.double().abs()) if dtype != torch.float64 else 0
-    assert ((out.double() - exact).abs() <= eps * exact.abs() + slack + 1e-300).all()
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps / 2  # half a subnormal spacing
+    assert ((out.double() - exact).abs() <= eps * exact.abs() + slack + tiny + 1e-300).all()
     assert torch.equal(out[:5], base[:5])
 
 
@@ -82,6 +83,20 @@ def test_update_in_place_on_base(backend, gen):
     axpy_reference(expected, base, d, 0.7)
     update(base, base, d, 0.7, backend)
     assert torch.equal(base, expected)
+
+
+@pytest.mark.parametrize("backend", UPDATES)
+@pytest.mark.parametrize("dtype,ulp", [(torch.bfloat16, 2**-7), (torch.float16, 2**-10)])
+def test_update_rounds_exact_ties_to_even(backend, dtype, ulp):
+    """±(1 + k ulp) + half an ulp, k = 0..127 of both parities, over a ragged length: every result is
+    an exact tie, rounded to the even neighbour ±(1 + (k + k % 2) ulp) (exact in float64 and in `dtype`)."""
+    dev = device_for(backend)
+    i = torch.arange(1031, dtype=torch.float64)
+    k, sign = i % 128, torch.where(i % 3 == 0, -1.0, 1.0)
+    base, d = (sign * (1 + k * ulp)).to(dev, dtype), sign.to(dev, dtype)
+    out = torch.empty_like(base)
+    update(out, base, d, ulp / 2, backend)
+    assert same_bits(out.cpu(), (sign * (1 + (k + k % 2) * ulp)).to(dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
