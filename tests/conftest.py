@@ -51,3 +51,16 @@ def digits_model(digits_trained):
     model = digits.build_model(0)
     model.load_state_dict(digits_trained[0])
     return model.eval()
+
+
+@pytest.fixture
+def gloo_world(tmp_path):
+    """A one-process gloo group in this process (torch.distributed's default), destroyed afterwards."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "gloo-store"), 1), rank=0, world_size=1)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from slug_fast.data import (Pairs, concept_pattern, label_by_class, pairs_from, read_image_folder,
-                            read_webdataset, split_by_concept, split_by_concepts)
+from slug_fast.data import (Pairs, Skipped, concept_pattern, label_by_class, pairs_from, read_image_folder,
+                            read_source, read_webdataset, shard, split_by_concept, split_by_concepts)
 from slug_fast.errors import SlugError
 
 
@@ -65,10 +65,10 @@ def test_webdataset_reads_every_format_and_skips_what_does_not_decode(tmp_path, 
 
 
 def test_webdataset_brace_patterns_directories_and_limit(tmp_path, rng):
-    for shard in range(2):
-        write_tar(tmp_path / f"part-{shard:05d}.tar",
+    for part in range(2):
+        write_tar(tmp_path / f"part-{part:05d}.tar",
                   [m for i in range(3) for m in ((f"{i:04d}.png", encoded(random_image(rng), "PNG")),
-                                                 (f"{i:04d}.txt", f"shard {shard} item {i}".encode()))])
+                                                 (f"{i:04d}.txt", f"shard {part} item {i}".encode()))])
     expected = [f"shard {s} item {i}" for s in range(2) for i in range(3)]
     assert read_webdataset(str(tmp_path / "part-{00000..00001}.tar")).captions == expected
     assert read_webdataset(tmp_path).captions == expected
@@ -254,3 +254,63 @@ def test_label_by_class_keeps_captions_naming_exactly_one_class():
     assert labelled.labels == [0, 2, 1, 2]
     assert labelled.ambiguous == 2  # i1 and i4 name several classes; i5 names none and is not counted
     assert label_by_class([("i", "nothing here")], ["cat"]) == ([], [], 0)
+
+
+def test_pairs_repr_says_how_many_pairs_from_where_and_what_was_skipped():
+    assert repr(Pairs([("a", "x"), ("b", "y")], source="s.tar")) == "Pairs(2 pairs from s.tar, skipped 0)"
+    skipped = [Skipped("k1", "undecodable"), Skipped("k2", "missing"), Skipped("k3", "undecodable")]
+    assert repr(Pairs([("a", "x")], skipped)) == "Pairs(1 pairs from memory, skipped {'undecodable': 2, 'missing': 1})"
+
+
+def test_read_source_reads_a_folder_with_captions_else_webdataset_shards(tmp_path, rng):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in range(3):
+        random_image(rng).save(folder / f"{i}.png")
+    (folder / "captions.tsv").write_text("".join(f"{i}.png\tfolder {i}\n" for i in range(3)))
+    write_tar(folder / "ignored.tar", [("0.png", encoded(random_image(rng), "PNG")), ("0.txt", b"shard in folder")])
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        write_tar(shards / f"{s}.tar", [m for i in range(2) for m in ((f"{i}.png", encoded(random_image(rng), "PNG")),
+                                                                      (f"{i}.txt", f"shard {s} item {i}".encode()))])
+    assert read_source(folder).captions == ["folder 0", "folder 1", "folder 2"]  # captions.tsv wins over .tar files
+    assert read_source(str(folder), limit=2).captions == ["folder 0", "folder 1"]
+    everything = ["shard 0 item 0", "shard 0 item 1", "shard 1 item 0", "shard 1 item 1"]
+    assert read_source(shards).captions == everything  # a folder of .tar files, no captions.tsv
+    assert read_source(shards, limit=3).captions == everything[:3]
+    assert read_source(shards / "1.tar").captions == everything[2:]
+    assert read_source(str(shards / "{0..1}.tar"), limit=1).captions == everything[:1]
+    with pytest.raises(SlugError, match=r"1 of 1 shards not found .*nowhere"):
+        read_source(tmp_path / "nowhere")
+    with pytest.raises(SlugError, match="limit must be at least 1"):
+        read_source(folder, limit=0)
+
+
+def test_shard_splits_into_contiguous_blocks_in_rank_order():
+    for n in range(13):
+        items = [f"item {i}" for i in range(n)]
+        for world in range(1, 6):
+            blocks = [shard(items, rank, world) for rank in range(world)]
+            assert [x for b in blocks for x in b] == items  # disjoint, complete, in order: rank r holds block r
+            sizes = [len(b) for b in blocks]
+            assert max(sizes) - min(sizes) <= 1
+    assert shard((i for i in range(5)), 1, 2) == [2, 3, 4]  # any iterable, as a list
+    assert shard(range(7), None, None) == list(range(7))  # torch.distributed not initialised: everything
+
+
+def test_shard_refuses_bad_ranks():
+    for rank, world in ((-1, 2), (2, 2), (3, 2), (0, 0), (0, -1), (1.0, 2), (0, 2.0), ("0", 2)):
+        with pytest.raises(SlugError, match="shard needs 0 <= rank < world"):
+            shard(range(4), rank, world)
+    for rank, world in ((0, None), (None, 1)):
+        with pytest.raises(SlugError, match="pass both rank= and world="):
+            shard(range(4), rank, world)
+
+
+def test_shard_defaults_to_torch_distributed(gloo_world, monkeypatch):
+    assert shard(range(5)) == list(range(5))  # the one-process group: rank 0 of 1
+    monkeypatch.setattr(gloo_world, "get_rank", lambda group=None: 2)
+    monkeypatch.setattr(gloo_world, "get_world_size", lambda group=None: 3)
+    assert shard(range(7)) == [4, 5, 6]
+    assert shard(range(7), 0, 2) == [0, 1, 2]  # given ranks win

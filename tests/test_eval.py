@@ -12,9 +12,9 @@ from slug_fast import LayerEdit, digits
 from slug_fast.adapters import get_adapter
 from slug_fast.adapters.clip import ClipFamilyAdapter
 from slug_fast.errors import SlugError
-from slug_fast.eval import (ZeroShotClassifier, clip_membership_inference, clip_sample_scores, concept_accuracy,
-                            concept_criterion, encode_images, encode_texts, membership_inference, plot_similarity,
-                            similarity_change, similarity_matrix, zero_shot_accuracy)
+from slug_fast.eval import (SimilarityWatch, ZeroShotClassifier, clip_membership_inference, clip_sample_scores,
+                            concept_accuracy, concept_criterion, encode_images, encode_texts, membership_inference,
+                            plot_similarity, similarity_change, similarity_matrix, zero_shot_accuracy)
 
 NAMES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
 # Two templates whose embeddings differ in norm (2x and 1x) and lean opposite ways on an extra axis:
@@ -277,6 +277,7 @@ def test_membership_inference_known_answers():
     mixed = membership_inference(np.ones(50), np.repeat([1.0, -1.0], 25), repeats=3)
     assert len(mixed.scores) == 15 and np.reshape(mixed.scores, (3, 5)).mean(1) == pytest.approx([75.0] * 3)
     assert mixed.mean == pytest.approx(75.0) and mixed.std == pytest.approx(np.std(mixed.scores)) and mixed.std > 0
+    assert mixed.to_dict() == {"mean": mixed.mean, "std": mixed.std, "scores": mixed.scores, "n_per_group": 50}
     # two unit Gaussians d apart: the best threshold is right 100 * Phi(d / 2) % of the time
     d = 2.0
     shifted = membership_inference(rng.normal(d, 1, 1000), rng.normal(0, 1, 1000), repeats=4)
@@ -341,6 +342,21 @@ def test_clip_sample_scores_match_a_float64_brute_force():
                       "distance": membership_inference(forget_distance, held_out_distance, repeats=2)}
 
 
+def brute_force_similarity(model, images, captions):
+    """(images, captions) cosine similarities in float64, pair by pair, on a float64 copy of `model`."""
+    import copy
+
+    reference = copy.deepcopy(model).double().eval()
+    expected = torch.empty(len(images), len(captions), dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(len(images)):
+            a = reference.encode_image(images[i][None].double())[0]
+            for j, caption in enumerate(captions):
+                b = reference.encode_text(digits.tokenize([caption]))[0]
+                expected[i, j] = (a @ b) / (a.norm() * b.norm())
+    return expected
+
+
 def test_similarity_matrix_matches_a_float64_brute_force():
     data = digits.load_digits_data(0)
     model = digits.build_model(0).eval()
@@ -349,16 +365,38 @@ def test_similarity_matrix_matches_a_float64_brute_force():
     captions = ["the digit one", "handwritten seven", "a drawing of the number two", "the number nine",
                 "a scan of a handwritten zero", "the digit three"]
     got = similarity_matrix(adapter, list(images), captions, batch_size=3)
-    reference = digits.build_model(0).double().eval()
-    expected = torch.empty(4, 6, dtype=torch.float64)
-    with torch.no_grad():
-        for i in range(4):
-            a = reference.encode_image(images[i:i + 1].double())[0]
-            for j, caption in enumerate(captions):
-                b = reference.encode_text(digits.tokenize([caption]))[0]
-                expected[i, j] = (a @ b) / (a.norm() * b.norm())
     assert got.shape == (4, 6) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.double(), brute_force_similarity(model, images, captions), atol=1e-5, rtol=0)
+
+
+def test_similarity_watch_compares_before_with_after_the_edit(tmp_path, gen):
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib")
+    data = digits.load_digits_data(0)
+    model = digits.build_model(0).eval()
+    adapter = get_adapter(model, tokenizer=digits.tokenizer())
+    pairs = digit_pairs(data, 3)
+    images, captions = [im for im, _ in pairs], [c for _, c in pairs]
+    watch = SimilarityWatch(adapter, pairs, batch_size=2)
+    before = brute_force_similarity(model, images, captions)
+    torch.testing.assert_close(watch.before.double(), before, atol=1e-5, rtol=0)
+    with pytest.raises(SlugError, match="call finish\\(\\) first"):
+        watch.plot(tmp_path / "early.png")
+    assert watch.finish() == similarity_change(watch.before, watch.before)  # no edit, no change
+    proj = model.visual.proj
+    with LayerEdit(model, {"visual.proj": torch.randn(proj.shape, generator=gen) * proj.detach().norm()}) as edit:
+        edit.step(0.5)
+        after = brute_force_similarity(model, images, captions)
+        out = watch.finish(tmp_path / "watch.png", title="an edit")
+    torch.testing.assert_close(watch.after.double(), after, atol=1e-5, rtol=0)
+    assert (after - before).abs().max() > 0.01  # the edit moved the similarities
+    assert out.pop("plot") == str(tmp_path / "watch.png")
+    assert out == similarity_change(watch.before, watch.after)
+    assert out["max_abs_change"] == pytest.approx((after - before).abs().max().item(), abs=1e-5)
+    expected = plot_similarity(tmp_path / "expected.png", watch.before, watch.after, captions=captions,
+                               title="an edit").read_bytes()
+    assert (tmp_path / "watch.png").read_bytes() == expected  # before, after, captions and title
+    assert watch.plot(tmp_path / "again.png", "an edit").read_bytes() == expected
+    assert watch.plot(tmp_path / "untitled.png").read_bytes() != expected
 
 
 def test_similarity_change_and_plot(tmp_path, gen):
@@ -413,3 +451,97 @@ def test_concept_criterion_judges_the_model_it_is_given(digits_model, digits_tra
     with LayerEdit(digits_model, {"visual.proj": -2 * digits_model.visual.proj.detach()}) as edit:
         edit.step(1.0)  # the bound model itself, edited the same way
         assert criterion(digits_model)[1]["others_top1"] == on_copy["others_top1"]
+
+
+class ThreadRanks:
+    """Rank `rank` of `world` threads of this process, standing in for slug_fast.distributed.Ranks:
+    all_reduce sums the tensors every thread passes (one collective per criterion call)."""
+
+    def __init__(self, rank, world, board):
+        self.rank, self.world, self.board = rank, world, board
+
+    def all_reduce(self, t):
+        self.board["slots"][self.rank] = t.clone()
+        self.board["barrier"].wait(timeout=60)
+        slots = self.board["slots"]
+        assert len({(s.dtype, s.shape) for s in slots}) == 1, "ranks passed different tensors to all_reduce"
+        return t.copy_(torch.stack(slots).sum(0))
+
+
+def on_threads(criteria, model, board):
+    """criterion(model) of every rank, each on its own thread, as ranks call it together."""
+    import threading
+
+    board["slots"], board["barrier"] = [None] * len(criteria), threading.Barrier(len(criteria))
+    results, errors = [None] * len(criteria), []
+
+    def run(r):
+        try:
+            results[r] = criteria[r](model)
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+            board["barrier"].abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(criteria))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_sharded_concept_criterion_equals_one_process(monkeypatch, gen):
+    """Each of `world` ranks judges its share of the images; the summed counts give one process's metrics."""
+    monkeypatch.setattr("slug_fast.distributed.Ranks", lambda group: group)
+    n, concept = 24, 2
+    labels = torch.arange(n) % len(NAMES)
+    model = StubClip().eval()
+    adapter = StubAdapter(model)
+    forgotten = torch.where(labels == concept, torch.randint(5, len(NAMES), (n,), generator=gen),
+                            torch.randint(0, 3, (n,), generator=gen))
+    for ranks in (forgotten, torch.randint(len(NAMES), (n,), generator=gen) * (labels != concept)):
+        images = images_with_ranks(labels, ranks, gen)
+        for given in (images, list(images)):
+            for utility in (None, lambda m: 42.0 if m is model else -1.0):
+                want = concept_criterion(adapter, given, labels, NAMES, NAMES[concept], list(TEMPLATES), k=5,
+                                         utility=utility)(model)
+                for world in (1, 2, 5, n + 3):  # n + 3: some ranks hold no image
+                    board = {}
+                    criteria = [concept_criterion(adapter, given, labels, NAMES, NAMES[concept], list(TEMPLATES),
+                                                  k=5, utility=utility, process_group=ThreadRanks(r, world, board))
+                                for r in range(world)]
+                    assert on_threads(criteria, model, board) == [want] * world
+        assert want[0] == (ranks is forgotten) and want[1]["utility"] == 42.0
+        assert type(want[1]["n_forget"]) is int and want[1]["n_forget"] == n // len(NAMES)
+    assert adapter.images_encoded == 2 * 2 * 2 * (1 + 4) * n  # each rank encoded its own share once
+
+
+def test_distributed_concept_criterion_on_a_one_process_group(gloo_world, gen):
+    n, concept = 24, 2
+    labels = torch.arange(n) % len(NAMES)
+    model = StubClip().eval()
+    adapter = StubAdapter(model)
+    images = images_with_ranks(labels, torch.randint(len(NAMES), (n,), generator=gen), gen)
+    seen = []
+
+    def utility(m):
+        seen.append(m)
+        return 7.0
+
+    want = concept_criterion(adapter, images, labels, NAMES, NAMES[concept], list(TEMPLATES), k=5)(model)
+    for group in ("world", gloo_world.new_group([0])):
+        criterion = concept_criterion(adapter, images, labels, NAMES, NAMES[concept], list(TEMPLATES), k=5,
+                                      process_group=group)
+        assert criterion(model) == want
+        assert criterion("the pipeline holding the model") == want  # judged through the adapter's model
+        with pytest.raises(SlugError, match="judges the adapter's own model"):
+            criterion(StubClip())
+        with_utility = concept_criterion(adapter, list(images), labels, NAMES, NAMES[concept], list(TEMPLATES),
+                                         k=5, utility=utility, process_group=group)
+        assert with_utility("pipeline") == (want[0], {**want[1], "utility": 7.0}) and seen[-1] == "pipeline"
+        with LayerEdit(model, {"visual.weight": torch.randn(DIM, DIM, generator=gen)}) as edit:
+            edit.step(0.5)  # a vision-tower edit: the images are encoded again
+            edited = concept_criterion(adapter, images, labels, NAMES, NAMES[concept], list(TEMPLATES), k=5)(model)
+            assert criterion(model) == edited != want

@@ -474,6 +474,35 @@ def test_plain_sequential_with_changing_widths_and_a_watching_hook():
     assert stack["boundary"] == 4 and stack["hits"] == len(STEPS) - 1 and stack["materialized"] > 0
 
 
+def test_an_op_that_bypasses_torch_function_reads_a_placeholders_true_value():
+    """Aten ops called below torch_function (as compiled or C++ code does) reach __torch_dispatch__."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 6),
+                                torch.nn.Linear(6, 3)).eval()
+    x = torch.randn(5, 8)
+    seen = []
+
+    def read(module, args, out):
+        if isinstance(out, Skipped):
+            with torch._C.DisableTorchFunctionSubclass():
+                seen.append((torch.ops.aten.add.Tensor(out, out, alpha=2),
+                             torch.ops.aten.cat.default([out, x[:, :1]], 1), torch.ops.aten.mul.Tensor(out, 3.0)))
+
+    model[1].register_forward_hook(read)
+    with torch.no_grad():
+        want = model[1](model[0](x))
+    with LayerEdit(model, {"3.weight": direction_for(model[3].weight, 11)}) as edit, torch.no_grad(), \
+            upstream_replay(model, edit):
+        for s in STEPS:
+            edit.step(s)
+            model(x)
+    assert len(seen) >= len(STEPS) - 1  # replayed calls after the first recorded one
+    for added, joined, scaled in seen:
+        assert all(type(t) is torch.Tensor for t in (added, joined, scaled))
+        assert torch.equal(added, torch.add(want, want, alpha=2))
+        assert torch.equal(joined, torch.cat([want, x[:, :1]], 1)) and torch.equal(scaled, want * 3.0)
+
+
 def sequential_and_input():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 6),
