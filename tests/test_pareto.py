@@ -105,6 +105,23 @@ def test_split_towers_and_depth():
     assert deepest(["b", "a"], ["a", "b", "c"]) == "b"
 
 
+def test_deepest_follows_depth_order_not_names():
+    """The last candidate in depth order, whatever the names sort as; a name the order lacks
+    ranks below every known one, and ties keep the first candidate."""
+    order = ["z.weight", "m.weight", "a.weight"]  # input to output, against alphabetical order
+    assert deepest(["z.weight", "a.weight", "m.weight"], order) == "a.weight"
+    assert deepest(["m.weight", "z.weight"], order) == "m.weight"
+    assert deepest(["unknown", "z.weight"], order) == "z.weight"  # unknown below position 0
+    assert deepest(["unknown", "m.weight"], order) == "m.weight"
+    assert deepest(["q", "p"], order) == "q"  # neither known: the first
+
+
+def test_a_predicate_rule_sees_the_name():
+    assert split_towers(["enc.a.weight", "dec.b.weight"], {"enc": lambda n: n.startswith("enc."),
+                                                            "dec": lambda n: "dec" in n}) == {
+        "enc": ["enc.a.weight"], "dec": ["dec.b.weight"]}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_fronts_on_a_noisy_trade_off_curve(backend, gen):
     a = torch.rand(3000, generator=gen, dtype=torch.float64)

@@ -74,9 +74,22 @@ def test_bad_arguments():
         search_step(lambda s: True, 0.0)
     with pytest.raises(SlugError, match="max_evals must be a positive integer, got 0"):
         search_step(lambda s: True, 1.0, 0)
-    with pytest.raises(SlugError, match="both must be positive"):
-        start_step(0.0, 1.0)
+    for param_norm, forget_norm in ((0.0, 1.0), (1.0, 0.0), (-1.0, 1.0), (1.0, -1.0), (float("nan"), 1.0)):
+        with pytest.raises(SlugError, match="both must be positive"):
+            start_step(param_norm, forget_norm)
     assert start_step(10.0, 4.0) == pytest.approx(0.25)
+    assert start_step(0.5, 0.25) == pytest.approx(0.2)  # norms below 1 are fine
+    assert start_step(3.0, 0.5, fraction=0.5) == pytest.approx(3.0)
+
+
+def test_the_default_budget_is_ten_evaluations_each_timed():
+    import time
+
+    def never(step):
+        time.sleep(0.002)
+        return False, {}
+    result = search_step(never, 1.0)
+    assert len(result.trace) == 10 and all(e.seconds >= 0.002 for e in result.trace)
 
 
 def test_criterion_results_are_normalised():
@@ -88,13 +101,22 @@ def test_criterion_results_are_normalised():
     assert criterion_result(torch.tensor([False])) == (False, {})
     ok, metrics = criterion_result((torch.tensor(True), {"acc": torch.tensor(0.5), "v": [1]}))
     assert ok is True and metrics == {"acc": 0.5, "v": [1]} and type(metrics["acc"]) is float
+
+    class Scalarish:  # has .item() but no .ndim: kept as it is
+        def item(self):
+            raise AssertionError("item() called on an object without ndim")
+    keep, vector = Scalarish(), torch.tensor([0.25, 0.5])
+    _, metrics = criterion_result((True, {"n": np.float32(0.5), "vec": vector, "obj": keep, "arr": np.array([1, 2])}))
+    assert type(metrics["n"]) is float and metrics["n"] == 0.5
+    assert metrics["vec"] is vector and metrics["obj"] is keep and metrics["arr"].tolist() == [1, 2]
     with pytest.raises(SlugError, match="tuple of 3"):
         criterion_result((True, {}, 1))
     # what would silently edit (or silently never edit) the model is refused, naming what came back
     for value, named in ((None, "None (a missing return?)"), (float("nan"), "float nan"), (0.93, "float 0.93"),
                          (0, "int 0"), ("yes", "str 'yes'"),
                          (torch.tensor([True, False]), "dtype torch.bool and shape (2,)"),
-                         (torch.tensor(1.0), "dtype torch.float32 and shape ()")):
+                         (torch.tensor(1.0), "dtype torch.float32 and shape ()"),
+                         (np.ndindex(1), "ndindex <numpy.")):  # a numpy object without a dtype
         for wrapped in (value, (value, {})):
             with pytest.raises(SlugError, match=re.escape(f"it returned {'a Tensor of ' if 'dtype' in named else ''}"
                                                           f"{named}")):

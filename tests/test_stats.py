@@ -281,3 +281,15 @@ def test_sums_exact_at_extreme_magnitudes(backend, dtype, scale, gen):
     assert sums[1].eq(0).all()
     stats = stats_from_sums(["w", "z"], sums, backend)
     assert stats.importance[0].item() == pytest.approx((ref[0, 1] / ref[0, 0]).sqrt().item(), rel=2 * rtol)
+
+
+def test_rows_and_index_give_each_layer_by_name():
+    """rows(): one dict per layer with every statistic; index(): a layer's position."""
+    cols = ("param_norm", "forget_norm", "retain_norm", "dot", "importance", "alignment")
+    values = {c: torch.arange(3, dtype=torch.float64) + 10 * k for k, c in enumerate(cols)}
+    stats = slug_fast.LayerStats(["a.weight", "b.weight", "c.weight"], *(values[c] for c in cols), backend="torch")
+    assert stats.rows() == [{"name": n, **{c: float(values[c][i]) for c in cols}}
+                            for i, n in enumerate(["a.weight", "b.weight", "c.weight"])]
+    assert [stats.index(n) for n in ("c.weight", "a.weight", "b.weight")] == [2, 0, 1]
+    with pytest.raises(SlugError, match="d.weight"):
+        stats.index("d.weight")
