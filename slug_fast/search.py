@@ -114,8 +114,8 @@ def search_step(evaluate: Evaluator, start: float, max_evals: int = 10, fails_at
         else:
             lo = step
         step = 2 * step if math.isinf(hi) else (lo + hi) / 2
-        # bisection has converged once the midpoint is a bound (or within float rounding of
-        # one): every further evaluation would repeat a step already judged
-        if not math.isfinite(step) or not lo < step < hi or (math.isfinite(hi) and hi - lo <= 4 * math.ulp(hi)):
+        # bisection has converged once hi - lo is within 4 ulps: the midpoint is then a bound or
+        # within float rounding of one, and every further evaluation would repeat a step judged
+        if not math.isfinite(step) or (math.isfinite(hi) and hi - lo <= 4 * math.ulp(hi)):
             break
     return SearchResult(None if math.isinf(hi) else hi, float(start), trace)

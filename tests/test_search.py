@@ -89,7 +89,24 @@ def test_the_default_budget_is_ten_evaluations_each_timed():
         time.sleep(0.002)
         return False, {}
     result = search_step(never, 1.0)
-    assert len(result.trace) == 10 and all(e.seconds >= 0.002 for e in result.trace)
+    assert len(result.trace) == 10 and all(0.002 <= e.seconds < 60 for e in result.trace)
+    assert result.start == 1.0 and type(result.start) is float
+
+
+@pytest.mark.parametrize("c, start, fails_at", [(1 / 3, 0.25, 0.0), (0.7, 0.5, 0.0), (0.3001, 0.3, 0.1),
+                                                (5.0, 1.1, 1.1 - 1.1 * 2 ** -20), (0.9, 0.7, 0.7 - 1.15 * 2 ** -30)])
+def test_bisection_stops_exactly_when_the_bracket_is_four_ulps_wide(c, start, fails_at):
+    """The search ends on the first evaluation that leaves hi - lo <= 4 ulp(hi), not one later."""
+    evaluate, calls = threshold(c)
+    search_step(evaluate, start, max_evals=400, fails_at=fails_at)
+
+    def bracket(steps):
+        hi = min(s for s in steps if s >= c)
+        return hi, hi - max([fails_at] + [s for s in steps if s < c])
+    hi, width = bracket(calls)
+    assert width <= 4 * math.ulp(hi)
+    hi, width = bracket(calls[:-1])
+    assert width > 4 * math.ulp(hi)
 
 
 def test_criterion_results_are_normalised():
