@@ -217,19 +217,15 @@ def read_webdataset(shards, limit: int | None = None, mode: str = "RGB") -> Pair
 
 def _ends_like_a_tar(path: Path) -> bool:
     """Whether a tar file ends with the two zero blocks that close an archive: a shard cut
-    exactly at a member boundary reads as a shorter valid one without them."""
+    exactly at a member boundary reads as a shorter valid one without them. A compressed
+    shard (.tar.gz, .tar.bz2, .tar.xz) is checked in its uncompressed stream."""
     try:
         with tarfile.open(path) as tar:
             for _ in tar:  # headers only: member data is skipped over
                 pass
-            end = tar.offset
-        size = path.stat().st_size
-        if size - end < 1024:
-            return False
-        with open(path, "rb") as f:
-            f.seek(end)
-            return f.read(1024) == bytes(1024)
-    except (tarfile.TarError, OSError):
+            tar.fileobj.seek(tar.offset)  # the (decompressed) stream, where tar.offset counts
+            return tar.fileobj.read(1024) == bytes(1024)
+    except (tarfile.TarError, OSError, EOFError):
         return False
 
 

@@ -1,14 +1,19 @@
 """Reading (image, caption) pairs: WebDataset shards, image folders, lists; the concept split."""
+import gzip
 import io
+import logging
+import re
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from slug_fast.data import (Pairs, Skipped, concept_pattern, label_by_class, pairs_from, read_image_folder,
-                            read_source, read_webdataset, shard, split_by_concept, split_by_concepts)
+from slug_fast.data import (Pairs, Skipped, concept_pattern, decode_image, label_by_class, pairs_from,
+                            read_image_folder, read_source, read_webdataset, shard, split_by_concept,
+                            split_by_concepts)
 from slug_fast.errors import SlugError
 
 
@@ -64,6 +69,46 @@ def test_webdataset_reads_every_format_and_skips_what_does_not_decode(tmp_path, 
     assert pairs.skip_counts() == {"undecodable": 2, "incomplete": 2}
 
 
+def test_decode_image_converts_to_the_mode_asked_for(tmp_path, rng):
+    gray = Image.fromarray(rng.integers(0, 256, (6, 5), dtype=np.uint8), "L")
+    data = encoded(gray, "PNG")
+    default = decode_image(data)  # RGB unless told otherwise
+    assert default.mode == "RGB" and np.array_equal(np.asarray(default), np.asarray(gray.convert("RGB")))
+    color = random_image(rng)
+    color.save(tmp_path / "c.png")
+    as_l = decode_image(tmp_path / "c.png", mode="L")
+    assert as_l.mode == "L" and np.array_equal(np.asarray(as_l), np.asarray(color.convert("L")))
+    palette = color.convert("P")
+    kept = decode_image(encoded(palette, "PNG"), mode=None)  # no mode: the file's own
+    assert kept.mode == "P" and np.array_equal(np.asarray(kept), np.asarray(palette))
+
+
+def test_webdataset_captions_skips_and_modes(tmp_path, rng):
+    """Known answers for each way a sample is incomplete, undecodable UTF-8 captions, and `mode`."""
+    gray = Image.fromarray(rng.integers(0, 256, (7, 4), dtype=np.uint8), "L")
+    image = encoded(gray, "PNG")
+    members = [
+        ("0.png", image), ("0.txt", b"caf\xe9 au lait"),  # Latin-1, not UTF-8: replaced, not fatal
+        ("1.png", image), ("1.json", b'{"caption": 5}'),
+        ("2.png", image), ("2.json", b'{"url": "https://example.com/2.jpg"}'),
+        ("3.png", image), ("3.json", b'["a list"]'),
+        ("4.png", image), ("4.json", b"{not json"),
+        ("5.txt", b"a caption without an image"),
+        ("6.png", image), ("6.txt", b"  \n "),
+        ("7.png", image), ("7.json", b'{"caption": "  from the json  "}'),
+    ]
+    shard = write_tar(tmp_path / "s.tar", members)
+    pairs = read_webdataset(shard)
+    assert pairs.captions == ["caf\ufffd au lait", "from the json"]
+    assert all(im.mode == "RGB" and np.array_equal(np.asarray(im), np.asarray(gray.convert("RGB"))) for im, _ in pairs)
+    no_caption, no_image = "no caption (txt or json 'caption')", "no image (jpg/jpeg/png/webp)"
+    assert pairs.skipped == tuple(Skipped(f"s.tar:{k}", "incomplete", no_image if k == "5" else no_caption)
+                                  for k in "123456")
+    assert pairs.source == str(shard)
+    as_l = read_webdataset(shard, mode="L")
+    assert all(im.mode == "L" and np.array_equal(np.asarray(im), np.asarray(gray)) for im, _ in as_l)
+
+
 def test_webdataset_brace_patterns_directories_and_limit(tmp_path, rng):
     for part in range(2):
         write_tar(tmp_path / f"part-{part:05d}.tar",
@@ -74,11 +119,40 @@ def test_webdataset_brace_patterns_directories_and_limit(tmp_path, rng):
     assert read_webdataset(tmp_path).captions == expected
     assert read_webdataset([tmp_path / "part-00001.tar"]).captions == expected[3:]
     assert read_webdataset(str(tmp_path / "part-{00000..00001}.tar"), limit=4).captions == expected[:4]
+    assert read_webdataset(tmp_path, limit=3).captions == expected[:3]  # stops at the end of the first shard
+    assert read_webdataset(tmp_path, limit=1).captions == expected[:1]
+    assert read_webdataset(tmp_path).source == f"2 shards ({tmp_path / 'part-00000.tar'} ...)"
+    assert read_webdataset(tmp_path / "part-00001.tar").source == str(tmp_path / "part-00001.tar")
+
+
+def test_webdataset_file_urls_torchrun_and_dataloader_workers_read_every_sample(tmp_path, rng, monkeypatch):
+    for part in range(2):
+        write_tar(tmp_path / f"part-{part:05d}.tar",
+                  [m for i in range(2) for m in ((f"{i:04d}.png", encoded(random_image(rng), "PNG")),
+                                                 (f"{i:04d}.txt", f"shard {part} item {i}".encode()))])
+    expected = [f"shard {s} item {i}" for s in range(2) for i in range(2)]
+    pattern = str(tmp_path / "part-{00000..00001}.tar")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no warning per shard (webdataset warns on an unset shardshuffle)
+        assert read_webdataset(pattern).captions == expected
+    # file: URLs, as webdataset takes them: file:///abs, file:/abs, and file://rel (relative to the cwd)
+    assert read_webdataset("file://" + pattern).captions == expected
+    assert read_webdataset("file:" + pattern).captions == expected
+    monkeypatch.chdir(tmp_path)
+    assert read_webdataset("file://part-{00000..00001}.tar").captions == expected
+    # under torchrun (RANK/WORLD_SIZE) and in a DataLoader worker every process reads every sample:
+    # splitting the pairs among processes is `shard`'s job, not the reader's
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORKER", "1")
+    monkeypatch.setenv("NUM_WORKERS", "2")
+    assert read_webdataset(pattern).captions == expected
 
 
 def test_webdataset_bad_input_is_a_clear_error(tmp_path, rng):
     empty = write_tar(tmp_path / "empty.tar", [])
-    with pytest.raises(SlugError, match="empty.tar holds no samples"):
+    with pytest.raises(SlugError, match=re.escape("empty.tar holds no samples; expected img2dataset layout: "
+                                                  "KEY.jpg (or png/webp) + KEY.txt")):
         read_webdataset(empty)
     broken = write_tar(tmp_path / "broken.tar", [("0.jpg", b"garbage"), ("0.txt", b"x"),
                                                  ("1.png", b"more garbage"), ("1.txt", b"y")])
@@ -88,11 +162,17 @@ def test_webdataset_bad_input_is_a_clear_error(tmp_path, rng):
     write_tar(tmp_path / "some-00001.tar", [])
     with pytest.raises(SlugError, match=r"2 of 3 shards not found \(from .*\): .*some-00000.tar, .*some-00002.tar"):
         read_webdataset(str(tmp_path / "some-{00000..00002}.tar"))
+    with pytest.raises(SlugError, match=r"^1 of 2 shards not found: .*some-00000.tar$"):  # a list: no "(from ...)"
+        read_webdataset([tmp_path / "some-00001.tar", tmp_path / "some-00000.tar"])
     with pytest.raises(SlugError, match="not a local file"):
         read_webdataset("https://example.com/shard-00000.tar")
+    with pytest.raises(SlugError, match="not a local file"):  # URL schemes are case-insensitive
+        read_webdataset("HTTP://example.com/shard-00000.tar")
+    with pytest.raises(SlugError, match=r"^2 of 2 shards not found"):  # Windows drive letters are no URL scheme
+        read_webdataset(["C:/shards/00000.tar", "d:\\shards\\00001.tar"])
     (tmp_path / "notatar.tar").write_bytes(b"\x00\x01 definitely not a tar archive" * 40)
     with pytest.raises(SlugError, match="no usable pair, everything was skipped \\(1 unreadable; e.g. .*notatar.tar: "
-                                        "not a readable WebDataset tar file"):
+                                        "not a readable WebDataset tar file \\(invalid header\\)\\);"):
         read_webdataset(tmp_path / "notatar.tar")
     (tmp_path / "none").mkdir()
     with pytest.raises(SlugError, match="holds no .tar shards"):
@@ -123,8 +203,22 @@ def test_a_shard_cut_at_a_member_boundary_is_recorded_as_truncated(tmp_path, rng
     pairs = read_webdataset(tmp_path / "cut.tar")
     assert pairs.captions == ["item 0", "item 1"]
     assert [(s.key, s.kind) for s in pairs.skipped] == [(str(tmp_path / "cut.tar"), "unreadable")]
-    assert "truncated" in pairs.skipped[0].detail
+    assert pairs.skipped[0].detail == ("truncated: the shard ends without tar's end-of-archive blocks, so samples "
+                                       "after the last one read may be missing")
     assert read_webdataset(whole).skipped == ()  # the whole shard: nothing skipped
+    with tarfile.open(whole) as tar:
+        for _ in tar:
+            pass
+        end = tar.offset  # where the end-of-archive blocks start
+    # a writer that does not pad to tar's 10 KiB records ends with exactly the two zero blocks: complete
+    (tmp_path / "unpadded.tar").write_bytes(whole.read_bytes()[:end + 1024])
+    assert read_webdataset(tmp_path / "unpadded.tar").skipped == ()
+    (tmp_path / "one-block.tar").write_bytes(whole.read_bytes()[:end + 1023])
+    assert [s.kind for s in read_webdataset(tmp_path / "one-block.tar").skipped] == ["unreadable"]
+    # a gzip-compressed shard is whole: its end-of-archive blocks are in the decompressed stream
+    (tmp_path / "whole.tar.gz").write_bytes(gzip.compress(whole.read_bytes()))
+    pairs = read_webdataset(tmp_path / "whole.tar.gz")
+    assert pairs.captions == [f"item {i}" for i in range(4)] and pairs.skipped == ()
 
 
 def test_image_folder_reads_its_captions_file(tmp_path, rng):
@@ -152,6 +246,41 @@ def test_image_folder_reads_its_captions_file(tmp_path, rng):
     assert read_image_folder(tmp_path, limit=1).captions == pairs.captions[:1]
 
 
+def test_image_folder_captions_file_details(tmp_path, rng, caplog):
+    """A BOM (Excel, Notepad), no header, an indented comment, and the skip records with their line numbers."""
+    gray = Image.fromarray(rng.integers(0, 256, (5, 3), dtype=np.uint8), "L")
+    gray.save(tmp_path / "g.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "captions.tsv").write_text(
+        "g.png\tthe first line is a pair\n"
+        "   # an indented comment\n"
+        "g.png\t \n"
+        "filename\tcaption\n"  # a header that is not the first line is an ordinary line
+        "gone.png\tlisted but missing\n"
+        "bad.png\tundecodable\n"
+        "g.png\tlast\n", encoding="utf-8-sig")
+    with caplog.at_level(logging.WARNING, logger="slug_fast"):
+        pairs = read_image_folder(tmp_path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'captions.tsv'}: skipped 1 incomplete, 2 missing, 1 undecodable"]
+    assert pairs.captions == ["the first line is a pair", "last"]
+    assert all(im.mode == "RGB" and np.array_equal(np.asarray(im), np.asarray(gray.convert("RGB"))) for im, _ in pairs)
+    assert pairs.source == str(tmp_path / "captions.tsv")
+    assert [(s.key, s.kind, s.detail) for s in pairs.skipped[:3]] == [
+        ("g.png", "incomplete", "empty caption on line 3 of captions.tsv"),
+        ("filename", "missing", "not found (listed on line 4 of captions.tsv)"),
+        ("gone.png", "missing", "not found (listed on line 5 of captions.tsv)")]
+    bad = pairs.skipped[3]
+    assert (bad.key, bad.kind) == ("bad.png", "undecodable") and bad.detail.startswith("undecodable image (")
+    assert len(pairs.skipped) == 4
+    as_l = read_image_folder(tmp_path, mode="L")
+    assert all(im.mode == "L" and np.array_equal(np.asarray(im), np.asarray(gray)) for im, _ in as_l)
+    # only the first line can be the header: a doubled one is an ordinary (here missing) file
+    (tmp_path / "doubled.tsv").write_text("Filename\tCaption\nfilename\tcaption\ng.png\tx\n")
+    doubled = read_image_folder(tmp_path, captions="doubled.tsv")
+    assert doubled.captions == ["x"] and [(s.key, s.kind) for s in doubled.skipped] == [("filename", "missing")]
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(SlugError, match="captions file .*captions.tsv not found; write one line per image"):
         read_image_folder(tmp_path)
@@ -163,6 +292,14 @@ def test_image_folder_errors(tmp_path):
         read_image_folder(tmp_path)
     with pytest.raises(SlugError, match="is not a directory"):
         read_image_folder(tmp_path / "captions.tsv")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "captions.tsv").write_text("a.png\t\ngone.png\tmissing\ngone2.png\tmissing too\nbad.png\tbad\n")
+    with pytest.raises(SlugError, match=re.escape(  # the counts of each kind, the first 3 skipped, the layout
+            ": no usable pair, everything was skipped (1 incomplete, 2 missing, 1 undecodable; e.g. a.png: empty "
+            "caption on line 1 of captions.tsv; gone.png: not found (listed on line 2 of captions.tsv); gone2.png: "
+            "not found (listed on line 3 of captions.tsv)); list images as 'relative/path.jpg<TAB>caption', "
+            "one per line")):
+        read_image_folder(tmp_path)
 
 
 def test_pairs_feed_an_adapter(rng):
@@ -182,7 +319,20 @@ def test_pairs_feed_an_adapter(rng):
         pairs_from([(images[0], "ok"), (images[1], 3)])
     with pytest.raises(SlugError, match="item 0: the image is str"):
         pairs_from([("image.jpg", "caption")])
-    with pytest.raises(SlugError, match="the pair list holds no samples"):
+
+
+def test_pairs_from_checks_each_item():
+    image = torch.zeros(3, 2, 2)
+    pairs = pairs_from([(image, "a"), [image, "b"]])
+    assert pairs.captions == ["a", "b"] and pairs.source == "the pair list" and pairs.skipped == ()
+    assert pairs_from(pairs) is pairs
+    assert Pairs([(image, "a")]).source == "memory"
+    with pytest.raises(SlugError, match=r"item 1 is a tuple; expected an \(image, caption\) pair"):
+        pairs_from([(image, "a"), (image, "b", "c")])
+    with pytest.raises(SlugError, match=r"item 0: the image is a tensor of shape \(2, 2\); expected a PIL image"):
+        pairs_from([(torch.zeros(2, 2), "a")])
+    with pytest.raises(SlugError, match=re.escape("the pair list holds no samples; pass a non-empty list of "
+                                                  "(image, caption) pairs")):
         pairs_from([])
 
 
@@ -204,6 +354,7 @@ def test_split_by_concept_matches_whole_words_in_any_case():
     image = torch.zeros(3, 2, 2)
     pairs = [(image, c) for c in CAPTIONS]
     forget, retain = split_by_concept(pairs, "Ann")
+    assert (forget.source, retain.source) == ("the pair list mentioning 'Ann'", "the pair list not mentioning 'Ann'")
     assert forget.captions == [c for c, hit in CAPTIONS.items() if hit]
     assert retain.captions == [c for c, hit in CAPTIONS.items() if not hit]
 
@@ -229,6 +380,13 @@ def test_split_by_concept_errors():
         split_by_concept(pairs, ["Joanne", "Annual"])
     with pytest.raises(SlugError, match="concept must be a non-empty name"):
         split_by_concept(pairs, "  ")
+    # the examples quoted are cut: the first caption found inside words at 80 characters, else 3 captions at 60
+    long = "Annual " + "report " * 20
+    with pytest.raises(SlugError, match=re.escape(f"e.g. {long[:80]!r}; check the spelling")):
+        split_by_concept([(image, long), (image, "b")], "Ann")
+    captions = ["x" * 70, "b", "c", "d"]
+    with pytest.raises(SlugError, match=re.escape(f"; e.g. captions: {'x' * 60!r}, 'b', 'c'; check the spelling")):
+        split_by_concept([(image, c) for c in captions], "Zed")
 
 
 def test_split_by_concepts_gives_each_concept_its_mentions_and_retains_the_rest():
@@ -238,6 +396,7 @@ def test_split_by_concepts_gives_each_concept_its_mentions_and_retains_the_rest(
     assert forgets["Ann"].captions == ["Ann at home", "Musk and Ann"]  # a caption naming both is in both
     assert forgets["Elon Musk"].captions == ["Musk and Ann", "Elon Musk talks"]
     assert retain.captions == ["a dog", "a cat", "Annual report"]  # and never retained
+    assert retain.source == "the pair list mentioning none of 'Ann', 'Elon Musk'"
     assert split_by_concepts([(image, c) for c in captions], ["Ann", "dog"])[1].captions == ["Elon Musk talks",
                                                                                             "a cat", "Annual report"]
     with pytest.raises(SlugError, match="no caption among 6 pairs .*mentions 'Zed'"):
