@@ -197,10 +197,18 @@ def test_nonfinite_input_is_refused_naming_the_layer(backend, where, bad, gen):
 
 def test_bad_inputs_name_what_is_wrong():
     p, f = torch.ones(3, 4), torch.ones(3, 4)
-    with pytest.raises(SlugError, match=r"'w' has shape \(4, 3\); the parameter has shape \(3, 4\)"):
+    with pytest.raises(SlugError, match=r"^forget gradient of 'w' has shape \(4, 3\); the parameter has shape \(3, 4\)"):
         slug_fast.layer_stats({"w": p}, {"w": torch.ones(4, 3)})
-    with pytest.raises(SlugError, match="dtype torch.float16; it must match the parameter's dtype torch.float32"):
+    with pytest.raises(SlugError, match="^retain gradient of 'w' has dtype torch.float16; it must match the "
+                                        "parameter's dtype torch.float32"):
         slug_fast.layer_stats({"w": p}, {"w": f}, {"w": f.half()})
+    with pytest.raises(SlugError, match="^forget gradient of 'w' is list, not a tensor"):
+        slug_fast.layer_stats({"w": p}, {"w": [1.0]})
+    for retain in ({}, {"w": f, "v": f}):  # a layer missing from retain, or one only in retain
+        with pytest.raises(SlugError, match="same layers"):
+            layer_sums({"w": p, "v": p}, {"w": f}, retain)
+    sums, used = layer_sums({"w": p}, {"w": 2 * f}, {"w": -f})  # the default backend: auto
+    assert sums.tolist() == [[12.0, 48.0, 12.0, -24.0]] and used in ("cpp", "torch", "triton")
     with pytest.raises(SlugError, match="parameter 'wx' not found; closest: w"):
         slug_fast.layer_stats({"w": p}, {"wx": f})
     with pytest.raises(SlugError, match="same layers"):
