@@ -472,6 +472,31 @@ def test_load_delta_checks_every_config_entry(tmp_path, edit, match):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+
+def test_recorded_fields_are_declared_with_their_kinds_at_import(tmp_path):
+    """DeltaConfig's checks and to_dict read each recorded field's declared kind, fixed when the module
+    is imported: a fresh import of slug_fast.delta writes every recorded entry and refuses each of the
+    wrong type (the checks above run against the import the test session made)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slug_fast.delta", delta_mod.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    model = tiny_model()
+    path = save_delta(tmp_path / "d", *make_delta(model))
+    cfg = json.loads((path / CONFIG_FILE).read_text())
+    recorded = {"method": "slug", "layers": ["0.weight"], "step": 0.5, "group": False, "cache": "linear",
+                "max_evals": 3, "concepts": [{"name": "cat"}], "revertible": False}
+    cfg.update(recorded)
+    config = fresh.DeltaConfig.from_dict(cfg)
+    assert config.to_dict() == cfg and config.extra == {}
+    assert fresh.DeltaConfig(tensors=cfg["tensors"]).to_dict().keys() == {"format", "version", "tensors"}
+    for key, bad in (("step", "1.5"), ("layers", "0.weight"), ("group", 1), ("cache", "all"), ("max_evals", 0),
+                     ("concepts", ["cat"]), ("method", 7)):
+        with pytest.raises(DeltaError, match=f"has {key} .*; expected"):
+            fresh.DeltaConfig.from_dict({**cfg, key: bad})
+
+
 # 6. fuzz: a mutated delta applies exactly or is refused with the model untouched
 
 OTHER_VALUES = [None, True, False, 0, -1, 1.5, 10 ** 30, "", "x", "float32", [], {}, [1, 2], {"a": 1}, "0" * 64]

@@ -11,10 +11,11 @@ from torch import nn
 from slug_fast import LayerEdit, digits
 from slug_fast.adapters import get_adapter
 from slug_fast.adapters.clip import ClipFamilyAdapter
+from slug_fast.adapters.open_clip import OpenClipAdapter
 from slug_fast.errors import SlugError
 from slug_fast.eval import (SimilarityWatch, ZeroShotClassifier, clip_membership_inference, clip_sample_scores,
-                            concept_accuracy, concept_criterion, encode_images, encode_texts, membership_inference,
-                            plot_similarity, similarity_change, similarity_matrix, zero_shot_accuracy)
+                            concept_accuracy, concept_criterion, encode_images, encode_texts, generate_and_score,
+                            membership_inference, plot_similarity, similarity_change, similarity_matrix, zero_shot_accuracy)
 
 NAMES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
 # Two templates whose embeddings differ in norm (2x and 1x) and lean opposite ways on an extra axis:
@@ -545,3 +546,219 @@ def test_distributed_concept_criterion_on_a_one_process_group(gloo_world, gen):
             edit.step(0.5)  # a vision-tower edit: the images are encoded again
             edited = concept_criterion(adapter, images, labels, NAMES, NAMES[concept], list(TEMPLATES), k=5)(model)
             assert criterion(model) == edited != want
+
+
+# --------------------------------------------------------------------- batch sizes reach the encoders
+
+
+class Batches(StubAdapter):
+    """The stub adapter, recording the size of every batch each tower encodes."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.image_batches, self.text_batches = [], []
+
+    def encode_pixels(self, module, pixels):
+        self.image_batches.append(len(pixels))
+        return super().encode_pixels(module, pixels)
+
+    def encode_tokens(self, module, tokens):
+        self.text_batches.append(len(tokens))
+        return super().encode_tokens(module, tokens)
+
+
+def chunks(n, size):
+    """Brute force: the batch sizes of n items taken `size` at a time."""
+    out = []
+    while n > 0:
+        out.append(min(size, n))
+        n -= out[-1]
+    return out
+
+
+def prompts(n):
+    """n prompts the stub knows, the 16 of TEMPLATES x NAMES over and over."""
+    every = [t.format(c) for t in TEMPLATES for c in NAMES]
+    return [every[i % len(every)] for i in range(n)]
+
+
+def test_similarity_matrix_encodes_both_towers_batch_size_at_a_time(gen):
+    images, captions = torch.randn(130, DIM, generator=gen), prompts(131)
+    texts = torch.stack([text_input(c) for c in captions]).double()
+    expected = images.double() @ texts.T / (images.double().norm(dim=1)[:, None] * texts.norm(dim=1))  # float64
+    for batch_size, default in ((None, 64), (50, 50), (1000, 1000)):
+        adapter = Batches(StubClip())
+        got = similarity_matrix(adapter, images, captions, **({} if batch_size is None else {"batch_size": batch_size}))
+        assert adapter.image_batches == chunks(130, default) and adapter.text_batches == chunks(131, default)
+        torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=0)
+
+
+def test_encode_texts_default_batch_and_batches_of_one():
+    texts = prompts(300)
+    expected = F.normalize(torch.stack([text_input(t) for t in texts]), dim=-1)
+    for kwargs, sizes in (({}, [256, 44]), ({"batch_size": 1}, [1] * 300), ({"batch_size": 7}, chunks(300, 7))):
+        adapter = Batches(StubClip())
+        torch.testing.assert_close(encode_texts(adapter, texts, **kwargs), expected, atol=1e-6, rtol=0)
+        assert adapter.text_batches == sizes
+    for bad in (0, -1):
+        with pytest.raises(SlugError, match=f"batch_size must be at least 1, got {bad}"):
+            encode_texts(Batches(StubClip()), texts, batch_size=bad)
+
+
+def test_accuracies_encode_images_batch_size_at_a_time(gen):
+    n = 130
+    labels = torch.randint(len(NAMES), (n,), generator=gen)
+    labels[:3] = 3  # the concept has images
+    ranks = torch.randint(len(NAMES), (n,), generator=gen)
+    images = images_with_ranks(labels, ranks, gen)
+    top1 = 100 * (ranks == 0).double().mean().item()
+    mine = labels == 3
+    forget_top1 = 100 * (ranks[mine] == 0).double().mean().item()
+    for batch_size, size in ((None, 64), (50, 50), (1, 1)):
+        kw = {} if batch_size is None else {"batch_size": batch_size}
+        runs = {
+            "classifier": lambda a, kw: ZeroShotClassifier(a, NAMES, list(TEMPLATES)).accuracy(images, labels, (1,),
+                                                                                                **kw),
+            "zero_shot_accuracy": lambda a, kw: zero_shot_accuracy(a, images, labels, NAMES, list(TEMPLATES), (1,),
+                                                                   **kw),
+            "concept_accuracy": lambda a, kw: concept_accuracy(a, images, labels, NAMES, 3, list(TEMPLATES), (1,),
+                                                               **kw),
+        }
+        for what, run in runs.items():
+            adapter = Batches(StubClip())
+            res = run(adapter, kw)
+            assert adapter.image_batches == chunks(n, size), what
+            if what == "concept_accuracy":
+                assert res["forget_top1"] == pytest.approx(forget_top1) and res["n_forget"] == int(mine.sum())
+            else:
+                assert res == {"top1": pytest.approx(top1, abs=1e-9)}
+
+
+# --------------------------------------------------------------------- generate_and_score's pixels
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP's
+
+
+class FakePipe:
+    """A text-to-image pipeline's calling convention; each image drawn from the call's generator."""
+
+    def __init__(self, draw):
+        self.draw = draw
+
+    def __call__(self, prompt, *, num_inference_steps, generator, height, width, output_type):
+        assert output_type == "pt" and num_inference_steps == 2
+        return type("Output", (), {"images": self.draw(generator)})()
+
+
+class SeeingScorer(OpenClipAdapter):
+    """The open_clip adapter, keeping the pixels its vision tower is given."""
+
+    seen = None
+
+    def encode_pixels(self, module, pixels):
+        self.seen = pixels.clone()
+        return super().encode_pixels(module, pixels)
+
+
+def open_clip_scorer(preprocess=None):
+    """The digits mini-CLIP (an 8x8 input) in float64, so its pixels must be cast to float64."""
+    return SeeingScorer(digits.build_model(0).double().eval(), tokenizer=digits.tokenizer(), preprocess=preprocess)
+
+
+def expected_probabilities(model, pixels, classes):
+    """Softmax of logit scale x cosine to the "a photo of a {}." prompts, float64, from the pixels given."""
+    with torch.no_grad():
+        image = F.normalize(model.encode_image(pixels.double()), dim=-1)
+        text = F.normalize(model.encode_text(digits.tokenize([f"a photo of a {c}." for c in classes])), dim=-1)
+        return (model.logit_scale.exp() * image @ text.T).softmax(-1)
+
+
+def test_generate_and_score_resizes_numpy_images_and_normalises_them_with_clip_statistics():
+    """A pipeline's "np" output (N, H, W, 3) float64, out of [0, 1]; a scorer with no preprocessing: its
+    pixels are the clamped images resized bicubic with antialiasing as PIL does (20x5 to 8x8: down in
+    height, up in width), clamped again, normalised with CLIP's mean and std, in the scorer's dtype."""
+    def draw(generator):
+        x = torch.rand(1, 20, 5, 3, generator=generator, dtype=torch.float64)
+        return torch.where(x < 0.5, x * 0.2 - 0.25, x * 0.2 + 1.05).numpy()  # below 0 or above 1, sharp edges
+
+    scorer, classes = open_clip_scorer(), ["zero", "one", "two"]
+    out = generate_and_score(FakePipe(draw), ["a", "b", "c"], scorer, classes, num_inference_steps=2, seed=5)
+    drawn = np.concatenate([draw(torch.Generator().manual_seed(5 + i)) for i in range(3)])
+    images = torch.from_numpy(np.clip(drawn, 0, 1)).permute(0, 3, 1, 2).float()
+    assert out["images"].dtype == torch.float32 and torch.equal(out["images"], images)
+
+    resized = torch.tensor(np.array([[np.asarray(Image.fromarray(images[n, c].numpy(), mode="F").resize(
+        (8, 8), Image.BICUBIC)) for c in range(3)] for n in range(3)]), dtype=torch.float64)
+    assert resized.min() < -0.05 and resized.max() > 1.05  # bicubic overshoots at the edges: clamped
+    pixels = (resized.clamp(0, 1) - torch.tensor(CLIP_MEAN, dtype=torch.float64)[:, None, None]) / \
+        torch.tensor(CLIP_STD, dtype=torch.float64)[:, None, None]
+    assert scorer.seen.dtype == torch.float64 and scorer.seen.shape == (3, 3, 8, 8)
+    torch.testing.assert_close(scorer.seen, pixels, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["probabilities"].double(), expected_probabilities(scorer.model, pixels, classes),
+                               atol=1e-5, rtol=0)
+
+
+def test_generate_and_score_gives_a_scorer_with_preprocessing_the_8_bit_images():
+    """A pipeline's "pt" output in float16, out of [0, 1]; the scorer's own preprocess sees each image as
+    the 8-bit PIL image of its clamped values, and its output is cast to the scorer's dtype."""
+    def draw(generator):
+        return (torch.rand(1, 3, 12, 10, generator=generator) * 1.6 - 0.3).half()
+
+    def preprocess(im):  # float32, like torchvision's ToTensor
+        a = np.asarray(im.resize((8, 8), Image.NEAREST), dtype=np.float32) / 255
+        return torch.from_numpy(a).permute(2, 0, 1) * 2 - 1
+
+    scorer, classes = open_clip_scorer(preprocess), ["zero", "one"]
+    out = generate_and_score(FakePipe(draw), ["a", "b"], scorer, classes, num_inference_steps=2, seed=9)
+    drawn = torch.cat([draw(torch.Generator().manual_seed(9 + i)) for i in range(2)]).float().clamp(0, 1)
+    assert out["images"].dtype == torch.float32 and torch.equal(out["images"], drawn)
+    as_uint8 = np.round(drawn.permute(0, 2, 3, 1).numpy().astype(np.float64) * 255).astype(np.uint8)
+    pixels = torch.stack([preprocess(Image.fromarray(a)) for a in as_uint8]).double()
+    assert scorer.seen.dtype == torch.float64 and torch.equal(scorer.seen, pixels)
+    torch.testing.assert_close(out["probabilities"].double(), expected_probabilities(scorer.model, pixels, classes),
+                               atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("images", [[Image.new("RGB", (8, 8))], torch.zeros(3, 8, 8)], ids=["PIL", "3-dim"])
+def test_generate_and_score_refuses_images_that_are_not_a_batch_tensor(images):
+    with pytest.raises(SlugError, match=r"expected a \(N, 3, H, W\) tensor"):
+        generate_and_score(FakePipe(lambda g: images), "a", open_clip_scorer(), ["zero", "one"],
+                           num_inference_steps=2, seed=0)
+
+
+class NoSizeClip(StubClip):
+    """A model with neither a config nor a `visual` tower: nothing says its input size."""
+
+    def __init__(self):
+        super().__init__()
+        self.vis = self.visual
+        del self.visual
+
+
+class NoSizeAdapter(StubAdapter):
+    towers = {"vision": "vis.", "text": "text_proj."}
+
+    def encode_pixels(self, module, pixels):
+        return module.vis(pixels)
+
+
+@pytest.mark.parametrize("model", [StubClip, NoSizeClip], ids=["visual-without-size", "no-visual"])
+def test_generate_and_score_asks_for_preprocessing_when_the_input_size_is_unknown(model):
+    scorer = (StubAdapter if model is StubClip else NoSizeAdapter)(model())
+    with pytest.raises(SlugError, match="cannot tell the input size of the .* scorer; give its adapter an image"):
+        generate_and_score(FakePipe(lambda g: torch.rand(1, 3, 8, 8, generator=g)), "a", scorer, ["alpha"],
+                           num_inference_steps=2, seed=0)
+
+
+def test_clip_membership_inference_defaults_and_seed():
+    """Batches of 32 pairs and 10 repeats unless told; the seed reaches both attacks."""
+    data = digits.load_digits_data(0)
+    model = digits.build_model(0).eval()
+    adapter = get_adapter(model, tokenizer=digits.tokenizer())
+    forget, held_out = digit_pairs(data, 40), digit_pairs(data, 45, 100)  # unequal: each repeat subsamples
+    reference = digits.build_model(0).double().eval()
+    (forget_loss, forget_distance), (held_loss, held_distance) = (brute_force_scores(reference, p, 32)
+                                                                  for p in (forget, held_out))
+    result = clip_membership_inference(adapter, forget, held_out, seed=3)
+    assert result == {"loss": membership_inference(forget_loss, held_loss, repeats=10, seed=3),
+                      "distance": membership_inference(forget_distance, held_distance, repeats=10, seed=3)}

@@ -137,6 +137,25 @@ def test_record_cache_gives_up_after_patience_passes_without_a_hit():
     assert cache.off and cache.records == [] and cache.budget.used == 0 and cache.cold == 2
 
 
+
+def test_record_cache_skip_keeps_the_record_and_moves_the_cursor_to_the_next_call():
+    """Calls whose input changed leave their records in place (skip): each next call in order is
+    looked up at its own record first, and a new input after them is stored in its own place."""
+    cache = RecordCache("x", ByteBudget(1000), patience=2)
+    run_pass(cache, 1, "abcde")
+    cache.sync(2)
+    assert lookup(cache, "a", []).key == "a"
+    for changed in "BC":  # b's and c's inputs changed
+        assert lookup(cache, changed, []) is None and cache.at_cursor().key == changed.lower()
+        cache.skip()
+    looked = []
+    assert lookup(cache, "d", looked).key == "d" and looked == ["d"]  # found at the first look
+    assert lookup(cache, "X", []) is None and cache.at_cursor().key == "e" and cache.store(Rec("X"))
+    assert [r.key for r in cache.records] == list("abcdX") and cache.budget.used == 50
+    assert (cache.hits, cache.misses) == (2, 8)
+    cache.sync(3)
+    assert [lookup(cache, k, []).key for k in "abcdX"] == list("abcdX")
+
 # --------------------------------------------------------------------- open_clip (digits mini-CLIP)
 
 OPEN_CLIP_CASES = [  # (edited tensor, its forward is a Linear the replay caches)

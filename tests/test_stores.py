@@ -11,7 +11,7 @@ from slug_fast.gradients import GradientPass, forward_use_order
 from slug_fast.stores import ChunkedStore, FullStore, OffloadStore
 
 from test_adapters import random_pairs, tiny_hf_clip, word_tokenizer
-from test_gradients import Net, batches, mse
+from test_gradients import Net, batches, mse, oracle_mean_grad
 from test_unlearn import FORGET, sets
 
 SUMS = ("param_norm", "forget_norm", "retain_norm", "dot")
@@ -459,3 +459,25 @@ def test_stores_that_take_statistics_during_their_passes_keep_their_backend(gen)
         assert stats.backend == "torch" and all(torch.equal(getattr(stats, c), getattr(full, c)) for c in SUMS)
         with pytest.raises(SlugError, match="took its statistics with backend 'torch' during the passes"):
             grads.layer_stats("cpp")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_offload_host_sums_of_every_batch_in_the_layers_dtype(gen, dtype):
+    """Several batches of a float64 or 16-bit model: the host sums hold each batch's gradient exactly
+    (float64 kept in float64, 16-bit summed in float32 from the first batch on), so the offload
+    means equal the full store's bit for bit and a float64 oracle to the layers' precision."""
+    model = Net().to(dtype)
+    forget = [(x.to(dtype), y.to(dtype)) for x, y in batches(4, gen)]
+    retain = [(x.to(dtype), y.to(dtype)) for x, y in batches(3, gen, size=7)]
+    names = [n for n, _ in model.named_parameters()]
+    full = slug_fast.compute_gradients(model, forget, retain, mse, progress=False)
+    off = slug_fast.compute_gradients(model, forget, retain, mse, progress=False, store=OffloadStore(stream_bytes=1))
+    for column in SUMS:
+        assert torch.equal(getattr(full.layer_stats(), column), getattr(off.layer_stats(), column)), column
+    oracle = oracle_mean_grad(model, forget, names)
+    tol = 1e-12 if dtype == torch.float64 else 0.03  # relative, of the whole layer's gradient
+    for n in names:
+        got = off.directions([n])[n]
+        assert got.dtype == dtype and torch.equal(got, full.forget[n]), n
+        assert (got.double() - oracle[n]).norm() <= tol * oracle[n].norm(), n
+    assert oracle["inp.weight"].norm() > 0
