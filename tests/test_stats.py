@@ -222,6 +222,14 @@ def test_bad_inputs_name_what_is_wrong():
 def test_empty_input_gives_empty_stats():
     stats = slug_fast.layer_stats({}, {})
     assert stats.names == [] and stats.importance.shape == (0,)
+    sums, _ = layer_sums({}, {})
+    assert sums.shape == (0, 4) and sums.dtype == torch.float64
+
+
+def test_tensors_on_two_devices_are_refused():
+    p = torch.ones(2, 2)
+    with pytest.raises(SlugError, match=r"one device, got \['cpu', 'meta'\]"):
+        layer_sums({"a": p, "b": p.to("meta")}, {"a": p, "b": p.to("meta")})
 
 
 @pytest.mark.parametrize("backend", available(["cpp", "torch"]))
