@@ -231,3 +231,170 @@ def test_a_backend_that_cannot_serve_the_tensors_is_refused_and_nothing_changes(
             edit.step(1.0)
         edit.commit()
     assert all(torch.equal(snapshot(model)[n], before[n]) for n in before)
+
+
+def dyadic(shape, gen, scale):
+    """Values k / scale, |k| < 4096: sums and products of a few are exact in float32 and float64."""
+    return torch.randint(-4095, 4096, shape, generator=gen).double() / scale
+
+
+def test_axpy_defaults_to_the_kernel_of_the_device(gen):
+    """No backend given: the C++ kernel on CPU tensors where it is built (else the reference), float64-exact."""
+    base, d = dyadic((1000,), gen, 256).float(), dyadic((1000,), gen, 64).float()
+    out = torch.empty_like(base)
+    used = axpy(out, base, d, 0.625)
+    assert used == ("cpp" if slug_fast.backends()["cpp"] is None else "torch")
+    assert torch.equal(out.double(), base.double() + 0.625 * d.double())
+
+
+def non_contiguous(t):
+    """The same values as `t` in a transposed (dense, non-contiguous) layout."""
+    return t.T.contiguous().T
+
+
+@pytest.mark.parametrize("requested", available(["cpp"]) + ["auto"])
+@pytest.mark.parametrize("strided", ["out", "base", "direction"])
+def test_axpy_on_a_non_contiguous_tensor_falls_back_to_torch(requested, strided, gen):
+    """Any one of out/base/direction non-contiguous: the torch reference runs (and says so), with the
+    float64 result rounded once to bfloat16 (float32 is exact on these dyadic values)."""
+    base = dyadic((37, 23), gen, 256).float()
+    d = dyadic((37, 23), gen, 64).float()
+    out = torch.zeros(37, 23, dtype=torch.bfloat16)
+    base, d = (non_contiguous(base) if strided == "base" else base), (non_contiguous(d) if strided == "direction" else d)
+    out = non_contiguous(out) if strided == "out" else out
+    assert [t.is_contiguous() for t in (out, base, d)].count(False) == 1
+    assert axpy(out, base.bfloat16(), d, 0.625, backend=requested) == "torch"
+    assert same_bits(out.contiguous(), (base.bfloat16().double() + 0.625 * d.double()).bfloat16())
+
+
+@pytest.mark.parametrize("requested", available(["cpp"]) + ["auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_axpy_with_a_float64_direction_on_a_narrower_tensor_falls_back_to_torch(requested, dtype, gen):
+    """A float64 direction into a float32/bfloat16 tensor is computed in float64 (which only torch does),
+    rounded once; a float32 direction into bfloat16 stays on the kernel."""
+    base = (torch.randn(3001, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    d = torch.randn(3001, generator=gen, dtype=torch.float64)
+    step = 0.3 + float(torch.rand((), generator=gen, dtype=torch.float64))
+    out = torch.empty_like(base)
+    assert axpy(out, base, d, step, backend=requested) == "torch"
+    assert same_bits(out, (base.double() + step * d).to(dtype))
+    if dtype == torch.bfloat16:  # narrower direction: the device's kernel
+        d32 = dyadic((3001,), gen, 64).float()
+        assert axpy(out, base, d32, 0.625, backend=requested) == ("cpp" if slug_fast.backends()["cpp"] is None
+                                                                   else "torch")
+        assert same_bits(out, (base.double() + 0.625 * d32.double()).bfloat16())
+
+
+def test_a_mapping_of_tensors_is_edited_like_a_module(gen):
+    """The model may be a mapping name -> tensor (tensors of several modules); they are edited in place."""
+    a, b = torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        a.weight.copy_(dyadic((4, 5), gen, 256))
+        b.bias.copy_(dyadic((3,), gen, 256))
+    tensors = {"a.weight": a.weight, "b.bias": b.bias, "b.weight": b.weight}
+    w0, b0, other = a.weight.detach().double(), b.bias.detach().double(), b.weight.detach().clone()
+    da, db = dyadic((4, 5), gen, 64).float(), dyadic((3,), gen, 64).float()
+    with slug_fast.LayerEdit(tensors, {"a.weight": da, "b.bias": db}) as edit:
+        edit.step(0.625)
+        assert torch.equal(a.weight.double(), w0 + 0.625 * da.double())
+        assert torch.equal(b.bias.double(), b0 + 0.625 * db.double())
+        edit.commit()
+    assert torch.equal(a.weight.double(), w0 + 0.625 * da.double()) and torch.equal(b.weight, other)
+    with pytest.raises(SlugError, match="parameter 'a.wieght' not found"):
+        slug_fast.LayerEdit(tensors, {"a.wieght": da})
+
+
+def test_a_direction_that_is_not_a_tensor_is_refused_by_its_type(gen):
+    model = model_of(torch.float32, gen)
+    with pytest.raises(SlugError, match=r"direction for '0.weight' has shape list; the parameter has shape \(65, 33\)"):
+        slug_fast.LayerEdit(model, {"0.weight": [[0.0] * 33] * 65})
+
+
+def test_state_before_during_and_after_the_block(gen):
+    """A new edit: no backend used yet, step 0, inactive; current_step follows step(); leaving the block
+    makes it inactive (theta0 released) and it can be entered again."""
+    model = model_of(torch.float32, gen)
+    d = torch.randn(65, 33, generator=gen)
+    edit = slug_fast.LayerEdit(model, {"0.weight": d})
+    assert edit.used_backend is None and edit.current_step == 0.0 and not edit.active
+    with edit:
+        assert edit.active and edit.current_step == 0.0
+        edit.step(0.25)
+        assert edit.current_step == 0.25
+        assert edit.used_backend == ("cpp" if slug_fast.backends()["cpp"] is None else "torch")
+    assert not edit.active
+    with pytest.raises(SlugError, match="only held inside its `with` block"):
+        edit.theta0
+    with edit:  # a finished edit can be entered again
+        edit.step(0.5)
+        assert edit.current_step == 0.5
+    assert not edit.active
+
+
+def test_theta0_is_a_contiguous_copy_of_a_non_contiguous_parameter(gen):
+    """theta0 holds copies in contiguous layout (flat views work), unchanged by steps; restore is exact."""
+    w = torch.nn.Parameter(non_contiguous(torch.randn(9, 7, generator=gen)))
+    before = w.detach().clone()
+    d = torch.randn(9, 7, generator=gen)
+    with slug_fast.LayerEdit({"w": w}, {"w": d}) as edit:
+        edit.step(0.5)
+        assert edit.used_backend == "torch"  # the parameter itself is non-contiguous
+        theta0 = edit.theta0["w"]
+        assert theta0.is_contiguous() and torch.equal(theta0.view(-1), before.reshape(-1))
+        assert theta0.data_ptr() != w.data_ptr()
+        expected = torch.empty_like(before)
+        axpy_reference(expected, before, d, 0.5)
+        assert torch.equal(w.detach(), expected)
+    assert same_bits(w.detach(), before) and w.stride() == before.stride()
+
+
+@pytest.mark.parametrize("direction_kind", ["dtensor", "local"])
+def test_a_dtensor_parameter_is_edited_in_its_local_shard(gloo_world, direction_kind, gen):
+    """FSDP2-style parameters (DTensors on a one-process gloo mesh): the local shards are edited exactly
+    like plain parameters (float64-exact values), both version counters move, and theta0 is restored."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = DeviceMesh("cpu", [0])
+    w, bias = dyadic((6, 5), gen, 256).float(), dyadic((6,), gen, 256).float()
+    plain = torch.nn.Linear(5, 6)
+    sharded = torch.nn.Linear(5, 6)
+    with torch.no_grad():
+        plain.weight.copy_(w)
+        plain.bias.copy_(bias)
+    sharded.weight = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)]))
+    sharded.bias = torch.nn.Parameter(distribute_tensor(bias.clone(), mesh, [Shard(0)]))
+    g = dyadic((6, 5), gen, 64).float()
+    direction = distribute_tensor(g.clone(), mesh, [Shard(0)]) if direction_kind == "dtensor" else g.clone()
+    version = sharded.weight._version
+    with slug_fast.LayerEdit(plain, {"weight": g}) as ref_edit, \
+            slug_fast.LayerEdit(sharded, {"weight": direction}) as edit:
+        assert type(edit.directions["weight"]) is torch.Tensor and torch.equal(edit.directions["weight"], g)
+        assert edit.tensors["weight"].data_ptr() == sharded.weight.to_local().data_ptr()
+        ref_edit.step(0.625)
+        edit.step(0.625)
+        local = sharded.weight.to_local().detach()
+        assert torch.equal(local.double(), w.double() + 0.625 * g.double())
+        assert same_bits(local, plain.weight.detach())
+        assert edit.used_backend == ref_edit.used_backend
+        assert sharded.weight._version > version  # the DTensor's own counter moved too
+        assert torch.equal(sharded.bias.to_local(), bias)
+    assert same_bits(sharded.weight.to_local().detach(), w) and same_bits(plain.weight.detach(), w)
+    with slug_fast.LayerEdit(sharded, {"weight": direction}) as edit:
+        edit.step(-0.25)
+        edit.commit()
+    assert torch.equal(sharded.weight.to_local().double(), w.double() - 0.25 * g.double())
+
+
+def test_the_reference_computes_in_float32_unless_out_or_direction_is_float64():
+    """A float64 base into float32 out with a float32 direction: base is rounded to float32 first, then
+    base + step * d in float32 (known answer: 1 + 0.75 ulp/2 rounds to 1, and 1 + 2**-25 to 1 again);
+    in float64 throughout the sum 1 + 1.25 ulp/2 would round up to 1 + 2**-23."""
+    base = torch.tensor([1 + 3 * 2.0**-26], dtype=torch.float64)
+    d = torch.tensor([2.0**-25])
+    out = torch.empty(1)
+    axpy_reference(out, base, d, 1.0)
+    assert out.item() == 1.0
+    out64 = torch.empty(1, dtype=torch.float64)  # a float64 out: float64 throughout
+    axpy_reference(out64, base, d, 1.0)
+    assert out64.item() == 1 + 5 * 2.0**-26
