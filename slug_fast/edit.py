@@ -141,10 +141,14 @@ class LayerEdit:
 
     def commit(self) -> None:
         """Keep the current values when the block ends."""
+        if self._theta0 is None:
+            raise SlugError("LayerEdit.commit() must be called inside its `with` block")
         self._committed = True
 
     def restore(self) -> None:
         """Put theta0 back bit-exactly (the block stays open)."""
+        if self._theta0 is None:
+            raise SlugError("LayerEdit.restore() must be called inside its `with` block")
         with torch.no_grad():
             for name, p in self._params.items():
                 p.data.copy_(self._theta0[name])

@@ -179,8 +179,9 @@ def test_bad_directions_are_refused_and_nothing_changes(gen):
     with pytest.raises(SlugError, match="at least one"):
         slug_fast.LayerEdit(model, {})
     edit = slug_fast.LayerEdit(model, {"0.weight": torch.ones(65, 33)})
-    with pytest.raises(SlugError, match="inside its `with` block"):
-        edit.step(1.0)
+    for outside in (lambda: edit.step(1.0), edit.restore, edit.commit):
+        with pytest.raises(SlugError, match=r"\(\) must be called inside its `with` block"):
+            outside()
     with edit:
         with pytest.raises(SlugError, match="step must be finite"):
             edit.step(float("inf"))
