@@ -571,3 +571,142 @@ def test_linear_cache_follows_a_weight_written_after_the_step():
             stats = replay.stats()["linears"]["0"]
         check(got, model(x), exact=False)
     assert (stats["misses"], stats["bypassed"]) == (1, 1)  # products recorded, then not used
+
+
+# --------------------------------------------------------------------- tuple outputs, keyword arguments
+
+
+class PairBlock(torch.nn.Module):
+    """Returns (hidden, row sums) and takes a keyword argument that changes its output."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.lin = torch.nn.Linear(width, width)
+
+    def forward(self, x, scale=1.0):
+        h = torch.tanh(self.lin(x)) * scale
+        return h, h.sum(-1)
+
+
+class PairStack(torch.nn.Module):
+    def __init__(self, width=6, depth=5):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(PairBlock(width) for _ in range(depth))
+
+    def forward(self, x, scale):
+        for block in self.blocks:
+            x, _ = block(x, scale=scale)
+        return x
+
+
+def pair_stack_and_input():
+    """Blocks 0-3 replayed (block 4 edited): blocks 0, 1, 2 return placeholders, block 3 the boundary."""
+    torch.manual_seed(0)
+    return PairStack().eval(), torch.randn(4, 6)
+
+
+def plain_outputs(model, x, scale):
+    """Each block's true output, tuple elements included."""
+    outs, h = [], x
+    with torch.no_grad():
+        for block in model.blocks:
+            outs.append(block(h, scale=scale))
+            h = outs[-1][0]
+    return outs
+
+
+def test_tuple_outputs_and_keyword_arguments_read_inside_replayed_blocks_are_exact():
+    """A hook reads both elements of block 1's and block 2's tuple outputs, with keyword-argument ops."""
+    model, x = pair_stack_and_input()
+    want = plain_outputs(model, x, 0.5)
+    seen = {1: [], 2: []}
+
+    def read(j):
+        def hook(module, args, out):
+            h, sums = out
+            seen[j].append((h.size(dim=0), h.shape, sums.dim(), torch.sum(h, dim=1), sums * 1, h.clone()))
+        return hook
+
+    model.blocks[1].register_forward_hook(read(1))
+    model.blocks[2].register_forward_hook(read(2))
+    edit_name = "blocks.4.lin.weight"
+    with LayerEdit(model, {edit_name: direction_for(model.blocks[4].lin.weight, 13)}) as edit:
+        plain, got, stats = run_steps(model, edit, torch.no_grad()(lambda: model(x, scale=0.5)), STEPS)
+    assert all(torch.equal(g, p) for g, p in zip(got, plain))
+    stack = stats["stacks"]["blocks"]
+    assert stack["boundary"] == 4 and stack["hits"] == len(STEPS) - 1
+    assert stack["materialized"] == 3 * (len(STEPS) - 1)  # blocks 0, 1, 2 once per replayed call
+    for j in (1, 2):
+        h, sums = want[j]
+        assert len(seen[j]) == 2 * len(STEPS)
+        for rows, shape, dims, summed, sums_read, h_read in seen[j]:
+            assert rows == 4 and shape == h.shape and dims == 1
+            assert all(type(t) is torch.Tensor for t in (summed, sums_read, h_read))
+            assert torch.equal(summed, torch.sum(h, dim=1)) and torch.equal(sums_read, sums)
+            assert torch.equal(h_read, h)
+
+
+def test_metadata_reads_of_placeholders_compute_nothing():
+    model, x = pair_stack_and_input()
+    seen = []
+    model.blocks[2].register_forward_hook(
+        lambda m, a, out: seen.append((out[0].shape, out[0].size(), out[0].size(1), out[1].dim(), out[0].stride(),
+                                       out[1].numel(), out[0].dtype, out[0].ndim)))
+    with LayerEdit(model, {"blocks.4.lin.weight": direction_for(model.blocks[4].lin.weight, 14)}) as edit:
+        plain, got, stats = run_steps(model, edit, torch.no_grad()(lambda: model(x, scale=0.5)), STEPS)
+    assert all(torch.equal(g, p) for g, p in zip(got, plain))
+    assert len(seen) == 2 * len(STEPS) and len(set(seen)) == 1
+    assert seen[0] == (torch.Size([4, 6]), torch.Size([4, 6]), 6, 1, (6, 1), 4, torch.float32, 2)
+    stack = stats["stacks"]["blocks"]
+    assert stack["hits"] == len(STEPS) - 1 and stack["materialized"] == 0
+
+
+class KeptBlock(torch.nn.Module):
+    """Returns a buffer made outside inference mode: the only boundary an inference-mode call can record."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.register_buffer("kept", value)
+
+    def forward(self, x, scale=1.0):
+        return self.kept, None
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_placeholders_read_after_the_call_are_made_in_the_recorded_mode(mode):
+    """Hidden states kept past the call and read outside its mode: values as a plain forward made them."""
+    model, x = pair_stack_and_input()
+    model.blocks[3] = KeptBlock(torch.randn(4, 6))
+    with mode():
+        want = plain_outputs(model, x, 2.0)
+    kept = []
+    model.blocks[1].register_forward_hook(lambda m, a, out: kept.append(out))
+    reads = []
+    with LayerEdit(model, {"blocks.4.lin.weight": direction_for(model.blocks[4].lin.weight, 15)}) as edit, \
+            upstream_replay(model, edit) as replay:
+        for s in STEPS:
+            edit.step(s)
+            with mode():
+                model(x, scale=2.0)
+            h, sums = kept[-1]
+            reads.append((h.detach(), sums[:]))  # views: inference tensors stay inference tensors
+        stack = replay.stats()["stacks"]["blocks"]
+    assert stack["hits"] == len(STEPS) - 1 and stack["materialized"] == 2 * (len(STEPS) - 1)
+    inference = mode is torch.inference_mode
+    for h, sums in reads:
+        assert h.is_inference() == sums.is_inference() == want[1][0].is_inference() == inference
+        assert torch.equal(h, want[1][0]) and torch.equal(sums, want[1][1])
+
+
+def test_calls_in_inference_mode_holding_inference_tensors_are_not_recorded():
+    """Inference tensors keep no version counter, so a record of them could not see a change in place."""
+    model, x = pair_stack_and_input()
+    with torch.inference_mode():
+        want = model(x, scale=2.0)
+    with LayerEdit(model, {"blocks.4.lin.weight": direction_for(model.blocks[4].lin.weight, 16)}) as edit:
+        edit.step(0.0)
+        with upstream_replay(model, edit) as replay, torch.inference_mode():
+            got = [model(x, scale=2.0) for _ in range(3)]
+            stack = replay.stats()["stacks"]["blocks"]
+    assert all(torch.equal(g, want) for g in got)
+    assert (stack["hits"], stack["misses"], stack["materialized"]) == (0, 3, 0)

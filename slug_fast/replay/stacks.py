@@ -224,6 +224,8 @@ class StackReplay:
 
     def _store(self, s: Session, out) -> None:
         rec = Record(s.args, dict(s.kwargs), s.numerics, s.metas, out)
+        if any(t.is_inference() for t in tensors([rec.args, rec.kwargs, rec.boundary])):
+            return  # inference tensors keep no version counter: a change in place could not be seen
         rec.seal()
         self.cache.store(rec)
 
