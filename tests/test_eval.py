@@ -260,6 +260,39 @@ def test_concept_criterion_reencodes_only_the_edited_tower(gen):
     assert metrics["utility"] == 42.0 and forgotten == (metrics["forget_top5"] == 0.0)
 
 
+
+def test_concept_criterion_inputs_and_class_indices():
+    """Images as a list or a tensor judge alike, in batches of batch_size; a concept with no image, or no
+    other class without utility=, is refused; class indices run from 0 to n-1."""
+    labels = torch.tensor([2, 2, 0, 5, 2])
+    images = torch.eye(DIM)[[3, 2, 0, 5, 1]]  # images 1, 2 and 3 are recognised, 0 and 4 are not
+    model = StubClip()
+    adapter = StubAdapter(model)
+    seen = []
+
+    class Batches(StubAdapter):
+        def encode_pixels(self, module, pixels):
+            seen.append(len(pixels))
+            return super().encode_pixels(module, pixels)
+    want = concept_criterion(adapter, images, labels, NAMES, 2, list(TEMPLATES), k=1)(model)
+    assert want == (False, {"forget_top1": pytest.approx(100 / 3), "others_top1": 100.0, "n_forget": 3,
+                            "n_others": 2, "utility": 100.0})
+    listed = concept_criterion(Batches(model), list(images), labels.tolist(), NAMES, 2, list(TEMPLATES), k=1,
+                               batch_size=2)
+    assert listed(model) == want and seen == [2, 2, 1]
+    only_concept = concept_criterion(adapter, images[[0, 1]], [2, 2], NAMES, 2, list(TEMPLATES), k=1,
+                                     utility=lambda m: 7.0)(model)
+    assert only_concept[1]["utility"] == 7.0 and only_concept[1]["others_top1"] is None
+    with pytest.raises(SlugError, match="no image is labelled 'delta'"):
+        concept_criterion(adapter, images, labels, NAMES, 3, list(TEMPLATES), k=1)
+    with pytest.raises(SlugError, match="every image shows the concept"):
+        concept_criterion(adapter, images[[0, 1]], [2, 2], NAMES, 2, list(TEMPLATES), k=1)
+    classifier = ZeroShotClassifier(adapter, NAMES, list(TEMPLATES))
+    assert [classifier.index(i) for i in (0, len(NAMES) - 1)] == [0, len(NAMES) - 1]
+    for bad in (-1, len(NAMES)):
+        with pytest.raises(SlugError, match=f"class index {bad} is out of range for {len(NAMES)} classes"):
+            classifier.index(bad)
+
 def phi(x):
     return 0.5 * (1 + math.erf(x / math.sqrt(2)))
 
