@@ -191,7 +191,8 @@ def test_nonfinite_input_is_refused_naming_the_layer(backend, where, bad, gen):
     p, f, r = (t.to(dev) for t in make_layer((50,), torch.float32, gen))
     {"param": p, "forget": f, "retain": r}[where][17] = bad
     ok = tuple(t.to(dev) for t in make_layer((5,), torch.float32, gen))
-    with pytest.raises(NonFiniteError, match=r"'enc\.bad'"):
+    named = {"param": "parameter", "forget": "forget gradient", "retain": "retain gradient"}[where]
+    with pytest.raises(NonFiniteError, match=rf"^NaN or Inf in {named} of 'enc\.bad'; check"):
         stats_of(backend, {"ok": ok[0], "enc.bad": p}, {"ok": ok[1], "enc.bad": f}, {"ok": ok[2], "enc.bad": r})
 
 
@@ -309,3 +310,19 @@ def test_rows_and_index_give_each_layer_by_name():
     assert [stats.index(n) for n in ("c.weight", "a.weight", "b.weight")] == [2, 0, 1]
     with pytest.raises(SlugError, match="d.weight"):
         stats.index("d.weight")
+
+
+def test_statistics_of_hand_made_sums():
+    """Known answers from a table of sums: a layer with a zero norm has importance 0 (not inf or NaN), a
+    zero forget or retain norm gives alignment 0, and rounding that pushes |dot| past ||g_f|| ||g_r|| is
+    clamped to alignment 1."""
+    sums = torch.tensor([[16.0, 4.0, 9.0, -3.0],  # |theta| 4, |g_f| 2, |g_r| 3
+                         [0.0, 4.0, 9.0, 6.0],    # a parameter of zeros
+                         [16.0, 0.0, 9.0, 0.0],   # no forget gradient
+                         [16.0, 4.0, 0.0, 0.0],   # no retain gradient
+                         [1.0, 4.0, 1.0, 2.5]],   # |dot| = 2.5 > 2 * 1
+                        dtype=torch.float64)
+    stats = stats_from_sums(list("abcde"), sums, "torch")
+    assert stats.importance.tolist() == [0.5, 0.0, 0.0, 0.5, 2.0]
+    assert stats.alignment.tolist() == [0.5, 1.0, 0.0, 0.0, 1.0]
+    assert stats.dot.tolist() == [-3.0, 6.0, 0.0, 0.0, 2.5] and stats.param_norm.tolist() == [4.0, 0.0, 4.0, 4.0, 1.0]
