@@ -446,6 +446,10 @@ def test_similarity_change_and_plot(tmp_path, gen):
     assert change["unmatched_after"] == pytest.approx(off.mean().item() + 0.25 / 6)
     assert change["max_abs_change"] == pytest.approx(0.5) and change["mean_abs_change"] == pytest.approx(0.75 / 9)
     assert "matched_before" not in similarity_change(before[:2], after[:2])
+    two = similarity_change(before[:2, :2], after[:2, :2])
+    assert two["unmatched_before"] == pytest.approx((before[0, 1] + before[1, 0]).item() / 2)
+    one = similarity_change(before[:1, :1], after[:1, :1])  # no unmatched pair to average
+    assert set(one) == {"mean_abs_change", "max_abs_change", "matched_before", "matched_after"}
     with pytest.raises(SlugError, match="one shape"):
         similarity_change(before, after[:2])
 
@@ -453,10 +457,14 @@ def test_similarity_change_and_plot(tmp_path, gen):
                            image_labels=["x", "y", "z"], title="edit")
     assert path == tmp_path / "similarity.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.size[0] > im.size[1] > 50
+    with Image.open(path) as im:  # figsize (3 panels of 2.5 + 0.45 in per column, 1.5 + 0.45 in per row) x 100 dpi
+        assert im.format == "PNG" and im.size == (round(3 * (2.5 + 3 * 0.45) * 100), round((1.5 + 3 * 0.45) * 100))
     assert [p.name for p in tmp_path.iterdir()] == ["similarity.png"]  # no temporary file left
     plot_similarity(tmp_path / "one.png", before[:, :2])
+    plot_similarity(tmp_path / "single.png", before[:1, :1])  # one image, one caption
+    for bad in (before[0], before[:0]):
+        with pytest.raises(SlugError, match="expected a non-empty \\(images, captions\\) matrix"):
+            plot_similarity(tmp_path / "bad.png", bad)
     with pytest.raises(SlugError, match="must end in .png"):
         plot_similarity(tmp_path / "similarity.jpg", before)
     with pytest.raises(SlugError, match="captions has 2 entries for a matrix with 3"):
