@@ -1,6 +1,6 @@
 """Mutation check of the native kernels: C++ (csrc/) and Triton (kernels/).
 
-    python bench/mutation_native.py [--only NAME] [--list] [--keep]
+    python bench/mutation_native.py [--only PATTERN] [--list] [--keep]
 
 Each mutant below is one exact text substitution in one kernel file: a wrong accumulator
 term, a dropped SIMD lane or tile, an off-by-one in a scalar tail or a mask (and a few more).
@@ -20,6 +20,7 @@ the float16 path taken on CPUs with AVX2 and F16C; elsewhere they survive.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import re
 import shutil
@@ -53,8 +54,9 @@ def pytest_args(kernel: str) -> list[str]:
                       "layer_sums or axpy or ((test_stats or test_edit) and not triton)"],
         "pareto_front cpp": ["tests/test_ops.py", "tests/test_pareto.py", "-k", "test_pareto",
                              "--deselect", "tests/test_pareto.py::test_hundred_thousand_points_every_backend"],
-        "layer_sums triton": ["tests/test_stats.py", "-k", "triton"],
-        "axpy triton": ["tests/test_edit.py", "-k", "triton"],
+        "layer_sums triton": ["tests/test_stats.py", "tests/test_kernels.py", "-k", "triton or (test_kernels and not sm90)"],
+        "axpy triton": ["tests/test_edit.py", "tests/test_kernels.py", "-k", "triton or (test_kernels and not sm90)"],
+        "tables triton": ["tests/test_kernels.py", "-k", "not sm90"],
     }[kernel]
 
 
@@ -109,30 +111,43 @@ MUTANTS = [
            "if (!(best_before > m[i]))", "if (!(best_before >= m[i]))"),
     Mutant("pareto-nan-filter", "pareto_front cpp", "csrc/pareto.cpp",
            "if (!std::isnan(a[i]) && !std::isnan(m[i]))", "if (!std::isnan(a[i]))"),
-    # Triton layer_sums: tiles of ITERS blocks of BLOCK lanes, then a combine kernel
+    # Triton layer_sums: tiles of ITERS blocks of BLOCK lanes (full tiles unmasked), then a combine kernel
     Mutant("tl-sums-acc-term", "layer_sums triton", "kernels/stats.py",
            "            fr += f * r", "            fr += r * r"),
     Mutant("tl-sums-drop-tile", "layer_sums triton", "kernels/stats.py",
            "for it in tl.static_range(ITERS):", "for it in tl.static_range(ITERS - 1):"),
     Mutant("tl-sums-drop-lane", "layer_sums triton", "kernels/stats.py",
-           "        mask = offs < n\n", "        mask = (offs < n) & (lanes < BLOCK - 1)\n"),
+           "            mask = offs < n\n", "            mask = (offs < n) & (lanes < BLOCK - 1)\n"),
+    Mutant("tl-sums-full-drop-lane", "layer_sums triton", "kernels/stats.py",
+           "            f = tl.load(gf + offs).to(ACC)",
+           "            f = tl.load(gf + offs, mask=lanes < BLOCK - 1, other=0.0).to(ACC)"),
     Mutant("tl-sums-mask-off-by-one", "layer_sums triton", "kernels/stats.py",
-           "        mask = offs < n\n", "        mask = offs < n - 1\n"),
+           "            mask = offs < n\n", "            mask = offs < n - 1\n"),
     Mutant("tl-sums-masked-other", "layer_sums triton", "kernels/stats.py",
            "t = tl.load(theta + offs, mask=mask, other=0.0)", "t = tl.load(theta + offs, mask=mask, other=1.0)"),
     Mutant("tl-combine-off-by-one", "layer_sums triton", "kernels/stats.py",
            "mask=(idx < count)[:, None]", "mask=(idx + 1 < count)[:, None]"),
+    Mutant("tl-combine-drop-chunk", "layer_sums triton", "kernels/stats.py",
+           "for chunk in range(0, CHUNKS):", "for chunk in range(0, CHUNKS - 1):"),
     # Triton axpy: the same tiles, and bfloat16 rounding to nearest even by integer arithmetic
     Mutant("tl-axpy-acc-term", "axpy triton", "kernels/update.py",
            "scaled = step * tl.load(d + offs, mask=mask)", "scaled = step * tl.load(base + offs, mask=mask)"),
+    Mutant("tl-axpy-full-acc-term", "axpy triton", "kernels/update.py",
+           "scaled = step * tl.load(d + offs).to(COMPUTE)", "scaled = step * tl.load(base + offs).to(COMPUTE)"),
     Mutant("tl-axpy-drop-tile", "axpy triton", "kernels/update.py",
            "for it in tl.static_range(ITERS):", "for it in tl.static_range(ITERS - 1):"),
     Mutant("tl-axpy-drop-lane", "axpy triton", "kernels/update.py",
-           "        mask = offs < n\n", "        mask = (offs < n) & (lanes < BLOCK - 1)\n"),
+           "            mask = offs < n\n", "            mask = (offs < n) & (lanes < BLOCK - 1)\n"),
+    Mutant("tl-axpy-full-drop-lane", "axpy triton", "kernels/update.py",
+           "            tl.store(out + offs, y)\n", "            tl.store(out + offs, y, mask=lanes < BLOCK - 1)\n"),
     Mutant("tl-axpy-mask-off-by-one", "axpy triton", "kernels/update.py",
-           "        mask = offs < n\n", "        mask = offs < n - 1\n"),
+           "            mask = offs < n\n", "            mask = offs < n - 1\n"),
     Mutant("tl-bf16-round-ties", "axpy triton", "kernels/update.py",
            "(bits + 0x7FFF + ((bits >> 16) & 1)) >> 16", "(bits + 0x7FFF) >> 16"),
+    # the cached tables: a key without the data pointers reuses another set's addresses
+    Mutant("tl-tables-key-pointers", "tables triton", "kernels/tables.py",
+           'array("q", map(torch.Tensor.data_ptr, flat)).tobytes()\n           + array("q", map(torch.Tensor.numel',
+           'array("q", map(torch.Tensor.numel'),
 ]
 
 
@@ -213,7 +228,8 @@ def run_mutant(tree: Path, m: Mutant) -> tuple[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", metavar="NAME", help="run one mutant (see --list)")
+    parser.add_argument("--only", metavar="PATTERN", help="run the mutants whose names match (a glob: 'tl-*'; "
+                        "see --list)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--keep", action="store_true", help="keep the temporary tree (its path is printed)")
     args = parser.parse_args()
@@ -222,9 +238,9 @@ def main() -> int:
         for m in MUTANTS:
             print(f"{m.kernel:18} {m.name:28} {m.file}")
         return 0
-    mutants = [m for m in MUTANTS if args.only in (None, m.name)]
+    mutants = [m for m in MUTANTS if args.only is None or fnmatch.fnmatchcase(m.name, args.only)]
     if not mutants:
-        sys.exit(f"no mutant named {args.only!r}; see --list")
+        sys.exit(f"no mutant matches {args.only!r}; see --list")
 
     started = time.perf_counter()
     tree = Path(tempfile.mkdtemp(prefix="slug-mutants-"))

@@ -9,9 +9,12 @@ The C++ extension slug_fast._C (csrc/) declares three operators with torch's dis
 
 This module registers their fake kernels and, where CUDA is present, the Triton kernels of
 slug_fast.kernels as the CUDA kernels of layer_sums and axpy_into; the dispatcher then runs
-the kernel of the tensors' device. A backend name says which kernel ran: "cpp" (CPU),
-"triton" (CUDA) or "torch" (the pure-torch reference beside each entry point, used for
-devices without a kernel, when asked for, and when the extension is missing).
+the kernel of the tensors' device. Without the extension it declares the same operators
+itself (no CPU kernels then), so the Triton kernels serve CUDA tensors from a source tree
+too. A backend name says which kernel ran: "cpp" (CPU), "triton" (CUDA, or CPU tensors
+under Triton's interpreter when asked for by name: TRITON_INTERPRET=1, for testing) or
+"torch" (the pure-torch reference beside each entry point, used for devices without a
+kernel, when asked for, and when a kernel is missing).
 """
 from __future__ import annotations
 
@@ -34,6 +37,13 @@ BACKENDS = ("cpp", "triton", "torch")
 DEVICE_BACKEND = {"cpu": "cpp", "cuda": "triton"}
 KERNELS = {"layer_sums": ("cpp", "triton"), "axpy_into": ("cpp", "triton"), "pareto_front": ("cpp",)}
 
+# The operators' signatures, as csrc/bindings.cpp declares them (tests/test_ops.py compares).
+SCHEMAS = {
+    "layer_sums": "(Tensor[] params, Tensor[] forget, Tensor[]? retain=None) -> Tensor",
+    "axpy_into": "(Tensor(a!) out, Tensor base, Tensor direction, float step) -> ()",
+    "pareto_front": "(Tensor alignment, Tensor importance) -> Tensor",
+}
+
 
 def _layer_sums_fake(params, forget, retain=None):
     device = params[0].device if params else torch.device("cpu")
@@ -49,24 +59,31 @@ def _pareto_front_fake(alignment, importance):
     return alignment.new_empty((count,), dtype=torch.int64)
 
 
+_python_library: torch.library.Library | None = None  # the declarations made here, when _C is missing
+
+
 def _load_extension() -> str | None:
-    """Load slug_fast._C (declaring the operators with their CPU kernels) and register the
-    fake kernels; the reason it failed, or None."""
+    """Load slug_fast._C (declaring the operators with their CPU kernels), or declare the
+    operators here without CPU kernels; register the fake kernels. The reason the extension
+    is missing, or None."""
+    global _python_library
+    reason = None
     try:
         importlib.import_module("slug_fast._C")
     except ImportError as err:
-        return (f"the C++ extension slug_fast._C is not built ({err}); "
-                "reinstall with `pip install --no-build-isolation .`")
+        reason = (f"the C++ extension slug_fast._C is not built ({err}); "
+                  "reinstall with `pip install --no-build-isolation .`")
+        _python_library = torch.library.Library("slug_fast", "DEF")
+        for op, schema in SCHEMAS.items():
+            _python_library.define(op + schema)
     for op, fake in (("layer_sums", _layer_sums_fake), ("axpy_into", _axpy_into_fake),
                      ("pareto_front", _pareto_front_fake)):
-        torch.library.register_fake(f"slug_fast::{op}", fake)
-    return None
+        torch.library.register_fake(f"slug_fast::{op}", fake, lib=_python_library)
+    return reason
 
 
-def _load_triton(cpp_reason: str | None) -> str | None:
+def _load_triton() -> str | None:
     """Register the Triton kernels as the operators' CUDA kernels; the reason they are not, or None."""
-    if cpp_reason is not None:
-        return "the operators are declared by the C++ extension slug_fast._C, which is not built"
     if not torch.cuda.is_available():
         return ("no CUDA device: the dispatcher runs the Triton kernels on CUDA tensors only "
                 "(slug_fast.kernels runs them on CPU tensors under TRITON_INTERPRET=1, for testing)")
@@ -78,13 +95,13 @@ def _load_triton(cpp_reason: str | None) -> str | None:
         kernels = importlib.import_module("slug_fast.kernels")
     except ImportError as err:
         return f"the Triton kernels failed to import ({err})"
-    torch.library.register_kernel("slug_fast::layer_sums", "cuda", kernels.layer_sums)
-    torch.library.register_kernel("slug_fast::axpy_into", "cuda", kernels.axpy_into)
+    torch.library.register_kernel("slug_fast::layer_sums", "cuda", kernels.layer_sums, lib=_python_library)
+    torch.library.register_kernel("slug_fast::axpy_into", "cuda", kernels.axpy_into, lib=_python_library)
     return None
 
 
 _reasons: dict[str, str | None] = {"cpp": _load_extension()}
-_reasons["triton"] = _load_triton(_reasons["cpp"])
+_reasons["triton"] = _load_triton()
 
 
 def availability() -> dict[str, str | None]:
@@ -127,6 +144,8 @@ def resolve(op: str, device: torch.device, requested: str = "auto") -> str:
     if requested not in KERNELS[op]:
         raise SlugError(f"{op} has no {requested} kernel (it runs on host values); "
                         f"choose 'auto', 'torch' or one of {KERNELS[op]}")
+    if requested == "triton" and device.type == "cpu" and kernels_reason() is None:
+        return "triton"  # Triton's interpreter runs the kernels on CPU tensors (TRITON_INTERPRET=1)
     if requested != served:
         wanted = "CUDA" if requested == "triton" else "CPU"
         raise SlugError(f"{op}: the {requested} backend takes {wanted} tensors, got tensors on {device}; "
@@ -139,5 +158,10 @@ def resolve(op: str, device: torch.device, requested: str = "auto") -> str:
 def run(op: str, device: torch.device, requested: str, reference: Callable, *args):
     """(slug_fast::`op`(*args) on the backend `resolve` picks, or `reference`(*args), the backend)."""
     backend = resolve(op, device, requested)
-    fn = reference if backend == "torch" else getattr(torch.ops.slug_fast, op)
+    if backend == "torch":
+        fn = reference
+    elif backend == "triton" and device.type == "cpu":  # the interpreter: the dispatcher would pick cpp
+        fn = getattr(importlib.import_module("slug_fast.kernels"), op)
+    else:
+        fn = getattr(torch.ops.slug_fast, op)
     return fn(*args), backend

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 
@@ -76,6 +77,34 @@ def _check_layer(name: str, p: torch.Tensor, g: torch.Tensor, which: str) -> Non
                         f"the parameter is on {p.device}")
 
 
+def _consistent(p_list: list, f_list: list, r_list: list | None) -> bool:
+    """Every tensor a tensor of a supported dtype, each layer's gradients of its parameter's
+    shape and dtype, all on one device: one C-level pass per property (the per-layer loop of
+    _explain_inconsistency runs only to name what is wrong)."""
+    groups = [f_list] if r_list is None else [f_list, r_list]
+    try:
+        dtypes, shapes, devices = (list(map(attrgetter(a), p_list)) for a in ("dtype", "shape", "device"))
+        if not all(d in _SUPPORTED for d in dict.fromkeys(dtypes)) or len(set(devices)) > 1:
+            return False
+        return all(list(map(attrgetter("shape"), g)) == shapes and list(map(attrgetter("dtype"), g)) == dtypes
+                   and list(map(attrgetter("device"), g)) == devices for g in groups)
+    except AttributeError:  # not a tensor
+        return False
+
+
+def _explain_inconsistency(names: list[str], p_list: list, f_list: list, r_list: list | None) -> None:
+    """Raise the SlugError naming the first layer that _consistent refused, and why."""
+    for i, (name, p) in enumerate(zip(names, p_list)):
+        if p.dtype not in _SUPPORTED:
+            raise SlugError(f"parameter {name!r} has dtype {p.dtype}; "
+                            "layer_stats takes float32, float64, bfloat16 or float16")
+        _check_layer(name, p, f_list[i], "forget")
+        if r_list is not None:
+            _check_layer(name, p, r_list[i], "retain")
+    devices = sorted({str(p.device) for p in p_list})
+    raise SlugError(f"layer_stats takes tensors on one device, got {devices}")
+
+
 def layer_stats(params: Mapping[str, torch.Tensor], forget_grads: Mapping[str, torch.Tensor],
                 retain_grads: Mapping[str, torch.Tensor] | None = None,
                 backend: str = "auto") -> LayerStats:
@@ -86,7 +115,8 @@ def layer_stats(params: Mapping[str, torch.Tensor], forget_grads: Mapping[str, t
     `forget_grads`. All tensors of a layer share shape, dtype and device.
     backend: "auto" (the operator slug_fast::layer_sums, whose kernel the dispatcher picks by
     device: C++ for CPU tensors, Triton for CUDA tensors), "cpp" or "triton" (that kernel, or
-    a SlugError if the tensors are on another device) or "torch" (the float64 reference).
+    a SlugError if the tensors are on another device; Triton takes CPU tensors under
+    TRITON_INTERPRET=1) or "torch" (the float64 reference).
     """
     sums, chosen = layer_sums(params, forget_grads, retain_grads, backend)
     return stats_from_sums(list(forget_grads), sums, chosen)
@@ -106,31 +136,25 @@ def layer_sums(params: Mapping[str, torch.Tensor], forget_grads: Mapping[str, to
         if missing or extra:
             raise SlugError("forget and retain gradients must cover the same layers; "
                             f"missing from retain: {missing[:3]}, only in retain: {extra[:3]}")
-    p_list, f_list, r_list = [], [], []
-    for name in names:
-        if name not in params:
-            raise unknown_name("parameter", name, params)
-        p = params[name].detach()
-        if p.dtype not in _SUPPORTED:
-            raise SlugError(f"parameter {name!r} has dtype {p.dtype}; "
-                            "layer_stats takes float32, float64, bfloat16 or float16")
-        f = forget_grads[name]
-        _check_layer(name, p, f, "forget")
-        p_list.append(p.contiguous())
-        f_list.append(f.detach().contiguous())
-        if retain_grads is not None:
-            r = retain_grads[name]
-            _check_layer(name, p, r, "retain")
-            r_list.append(r.detach().contiguous())
-    devices = {t.device for t in p_list}
-    if len(devices) > 1:
-        raise SlugError(f"layer_stats takes tensors on one device, got {sorted(map(str, devices))}")
-    device = devices.pop() if devices else torch.device("cpu")
-    retain = r_list if retain_grads is not None else None
+    try:
+        p_list = [params[n] for n in names]
+    except KeyError:
+        raise unknown_name("parameter", next(n for n in names if n not in params), params) from None
+    f_list = [forget_grads[n] for n in names]
+    retain = [retain_grads[n] for n in names] if retain_grads is not None else None
+    if not _consistent(p_list, f_list, retain):
+        _explain_inconsistency(names, p_list, f_list, retain)
+    device = p_list[0].device if p_list else torch.device("cpu")
+    # contiguous() returns the tensor itself when it already is; no detach: the kernels run
+    # under no_grad and build no graph
+    p_list = [p.contiguous() for p in p_list]
+    f_list = [f.contiguous() for f in f_list]
+    retain = [r.contiguous() for r in retain] if retain is not None else None
 
     if not names:  # no tensor for the dispatcher to dispatch on
         return torch.zeros((0, 4), dtype=torch.float64), _backends.resolve("layer_sums", device, backend)
-    sums, chosen = _backends.run("layer_sums", device, backend, sums_reference, p_list, f_list, retain)
+    with torch.no_grad():
+        sums, chosen = _backends.run("layer_sums", device, backend, sums_reference, p_list, f_list, retain)
     sums = sums.cpu()
     _check_finite(names, sums, retain is not None)
     return sums, chosen

@@ -1,6 +1,7 @@
 """Backend names over torch's dispatcher: which kernel runs, the fallback when the extension is
 missing, and the SlugError for a backend that cannot serve the tensors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import slug_fast
 from slug_fast import _backends
 from slug_fast.errors import SlugError
 
-# A process in which slug_fast._C cannot be imported, so the operators are never declared.
+# A process in which slug_fast._C cannot be imported: slug_fast declares the operators itself,
+# without CPU kernels (the GPU bench runs so from a source tree).
 WITHOUT_EXTENSION = r"""
 import json, logging, sys
 sys.modules["slug_fast._C"] = None  # `import slug_fast._C` now raises ImportError
@@ -22,7 +24,9 @@ p, f, r = (torch.arange(30.0).reshape(10, 3) - k for k in (0, 7, 11))
 stats = slug_fast.layer_stats({"w": p}, {"w": f}, {"w": r})
 out = {"backend": stats.backend, "alignment": stats.alignment[0].item(), "backends": slug_fast.backends(),
        "front": slug_fast.pareto_front([0.1, 0.2, 0.3], [1.0, 2.0, 0.5]),
-       "declared": hasattr(torch.ops.slug_fast, "layer_sums")}
+       "schemas": {op: str(getattr(torch.ops.slug_fast, op).default._schema) for op in slug_fast._backends.SCHEMAS},
+       "triton": slug_fast.layer_stats({"w": p}, {"w": f}, {"w": r}, backend="triton").backend
+       if slug_fast._backends.kernels_reason() is None else None}
 with slug_fast.LayerEdit({"w": p}, {"w": f}) as edit:
     edit.step(0.5)
     out["edit"] = edit.used_backend
@@ -36,10 +40,15 @@ print(json.dumps(out))
 
 
 def test_missing_extension_falls_back_to_torch_and_says_so():
-    done = subprocess.run([sys.executable, "-c", WITHOUT_EXTENSION], capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", WITHOUT_EXTENSION], capture_output=True, text=True, timeout=600,
+                          env=env)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert not out["declared"] and out["backend"] == "torch" and out["edit"] == "torch" and out["edited"]
+    assert out["schemas"] == {op: f"slug_fast::{op}{schema}" for op, schema in _backends.SCHEMAS.items()}
+    assert out["backend"] == "torch" and out["edit"] == "torch" and out["edited"]
+    if _backends.kernels_reason() is None:  # the Triton kernels still run by name, interpreted
+        assert out["triton"] == "triton"
     assert "layer_sums: cpp backend skipped: the C++ extension slug_fast._C is not built" in done.stderr
     assert "axpy_into: cpp backend skipped" in done.stderr and "pareto_front: cpp backend skipped" in done.stderr
     assert done.stderr.count("layer_sums: cpp backend skipped") == 1  # once per operator and reason
@@ -66,12 +75,30 @@ def test_auto_picks_the_kernel_of_the_device():
 def test_triton_takes_cuda_tensors(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the triton backend takes its tensors here")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter does not route CPU tensors to Triton
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(SlugError, match="layer_sums: the triton backend takes CUDA tensors, got tensors on cpu"):
         slug_fast.layer_stats({"w": torch.ones(3)}, {"w": torch.ones(3)}, backend="triton")
     with pytest.raises(SlugError, match="axpy_into: the triton backend takes CUDA tensors"):
         slug_fast.edit.axpy(torch.ones(3), torch.ones(3), torch.ones(3), 1.0, backend="triton")
     assert "no CUDA device" in slug_fast.backends()["triton"]
+
+
+def test_triton_named_runs_cpu_tensors_under_the_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1: backend="triton" runs the Triton kernels on CPU tensors (the GPU
+    bench's smoke mode tests its own code path so); "auto" still picks the kernel of the device."""
+    if _backends.kernels_reason() is not None:
+        pytest.skip(_backends.kernels_reason())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    theta, g_f, g_r = torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0]), torch.tensor([-2.0, 0.0])
+    stats = slug_fast.layer_stats({"w": theta}, {"w": g_f}, {"w": g_r}, backend="triton")
+    assert stats.backend == "triton"
+    assert stats.importance.tolist() == [0.2] and stats.alignment.tolist() == [1.0] and stats.dot.tolist() == [-2.0]
+    out = torch.empty(2)
+    assert slug_fast.edit.axpy(out, theta, g_f, -0.5, backend="triton") == "triton"
+    assert out.tolist() == [2.5, 4.0]
+    auto = slug_fast.layer_stats({"w": theta}, {"w": g_f}).backend
+    assert auto == ("cpp" if slug_fast.backends()["cpp"] is None else "torch")
+
 
 
 def test_cpp_takes_cpu_tensors():
