@@ -710,3 +710,239 @@ def test_calls_in_inference_mode_holding_inference_tensors_are_not_recorded():
             stack = replay.stats()["stacks"]["blocks"]
     assert all(torch.equal(g, want) for g in got)
     assert (stack["hits"], stack["misses"], stack["materialized"]) == (0, 3, 0)
+
+
+# --------------------------------------------------------------------- the linear cache, piece by piece
+
+
+def linear_model(dtype=torch.float32, bias=True):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12, bias=bias)).to(dtype).eval()
+    return model, torch.randn(5, 8).to(dtype)
+
+
+def exact_output(theta0, direction, bias, lam, x):
+    """float64 (theta0 + lam * direction) x + b: what the cached products approximate."""
+    w = theta0.double() + lam * direction.double()
+    return F.linear(x.double(), w, None if bias is None else bias.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_linear_cache_reuses_its_products_at_every_step(dtype):
+    """Recorded once, then every step is (W0 x + b) + lam (G x), computed in float32 (float64 for
+    float64) and returned in the input's dtype, within rounding of the float64 product."""
+    model, x = linear_model(dtype)
+    d = direction_for(model[0].weight.float(), 21).to(dtype)
+    theta0 = model[0].weight.detach().clone()
+    with LayerEdit(model, {"0.weight": d}) as edit, torch.no_grad():
+        with upstream_replay(model, edit, linear=True) as replay:
+            for lam in (0.3, -0.2, 0.7, 0.3):
+                edit.step(lam)
+                got = model(x)
+                want = exact_output(theta0, d, model[0].bias, lam, x)
+                assert got.dtype == dtype
+                tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2 ** -7}[dtype]
+                assert (got.double() - want).abs().max() <= tol * want.abs().max()
+            stats = replay.stats()["linears"]["0"]
+    assert (stats["misses"], stats["hits"], stats["bypassed"]) == (1, 3, 0)
+
+
+def test_linear_cache_accepts_a_weight_one_rounding_away_and_refuses_one_further():
+    """The weight is checked against cast(theta0 + lam G) to 4 eps x (max|theta0| + |lam| max|G|):
+    one ulp off (a fused multiply-add) still uses the products, 8 eps x that scale does not."""
+    model, x = linear_model()
+    gen = torch.Generator().manual_seed(22)
+    d = torch.rand(model[0].weight.shape, generator=gen) - 0.5  # max |G| <= 0.5
+    d.view(-1)[0] = 0.5
+    lam = 50.0
+    weight = model[0].weight
+    scale = float(weight.detach().abs().max()) + lam * 0.5
+    with LayerEdit(model, {"0.weight": d}) as edit, torch.no_grad():
+        with upstream_replay(model, edit, linear=True) as replay:
+            edit.step(lam)
+            model(x)
+            top = int(weight.abs().argmax())
+            weight.view(-1)[top] = torch.nextafter(weight.view(-1)[top], torch.tensor(float("inf")))
+            model(x)
+            assert replay.stats()["linears"]["0"]["hits"] == 1  # one ulp of a value near the scale
+            weight.view(-1)[top] += 8 * torch.finfo(torch.float32).eps * scale
+            got = [model(x), model(x)]
+            stats = replay.stats()["linears"]["0"]
+        assert all(torch.equal(g, model(x)) for g in got)  # not the products: the weight in place
+    assert (stats["hits"], stats["bypassed"]) == (1, 2)
+
+
+@pytest.mark.parametrize("change", ["in place", "replaced"])
+def test_linear_cache_follows_its_bias(change):
+    """A bias changed in place, or replaced by a new tensor (its version then starts again)."""
+    model, x = linear_model()
+    with LayerEdit(model, {"0.weight": direction_for(model[0].weight, 23)}) as edit, torch.no_grad():
+        edit.step(0.4)
+        with upstream_replay(model, edit, linear=True) as replay:
+            model(x)
+            if change == "in place":
+                model[0].bias.add_(1.0)
+            else:  # a new tensor whose version counter reads as the old one's: only its identity differs
+                old = model[0].bias
+                model[0].bias = torch.nn.Parameter(old.detach() + 1.0)
+                while model[0].bias._version < old._version:
+                    model[0].bias.add_(0.0)
+                assert model[0].bias._version == old._version
+            got = model(x)
+            misses = replay.stats()["linears"]["0"]["misses"]
+        check(got, model(x), exact=False)
+    assert misses == 2
+
+
+def test_linear_cache_without_a_bias():
+    model, x = linear_model(bias=False)
+    d = direction_for(model[0].weight, 24)
+    theta0 = model[0].weight.detach().clone()
+    with LayerEdit(model, {"0.weight": d}) as edit, torch.no_grad():
+        with upstream_replay(model, edit, linear=True) as replay:
+            for lam in (0.2, 0.5):
+                edit.step(lam)
+                got = model(x)
+                want = exact_output(theta0, d, None, lam, x)
+                assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+            assert replay.stats()["linears"]["0"]["hits"] == 1
+
+
+def test_linear_cache_passes_keyword_calls_through():
+    model, x = linear_model()
+    with LayerEdit(model, {"0.weight": direction_for(model[0].weight, 25)}) as edit, torch.no_grad():
+        edit.step(0.4)
+        with upstream_replay(model, edit, linear=True) as replay:
+            got = [model[0](input=x), model[0](input=x)]
+            stats = replay.stats()["linears"]["0"]
+        want = model[0](x)
+    assert all(torch.equal(g, want) for g in got)
+    assert (stats["bypassed"], stats["hits"], stats["misses"]) == (2, 0, 0)
+
+
+def test_linear_cache_is_installed_once_and_removed():
+    model, x = linear_model()
+    with LayerEdit(model, {"0.weight": direction_for(model[0].weight, 26)}) as edit, torch.no_grad():
+        with upstream_replay(model, edit, linear=True):
+            assert "forward" in model[0].__dict__
+            with pytest.raises(slug_fast.SlugError, match="0 already has an instance forward; another replay"):
+                with upstream_replay(model, edit, linear=True):
+                    pass
+            assert "forward" in model[0].__dict__  # the outer replay is intact
+        assert "forward" not in model[0].__dict__
+
+
+def test_linear_cache_keys_its_products_by_the_numerics():
+    """The same input under another float32 matmul precision is computed again."""
+    model, x = linear_model()
+    before = torch.get_float32_matmul_precision()
+    with LayerEdit(model, {"0.weight": direction_for(model[0].weight, 27)}) as edit, torch.no_grad():
+        edit.step(0.4)
+        with upstream_replay(model, edit, linear=True) as replay:
+            model(x)
+            try:
+                torch.set_float32_matmul_precision("medium" if before != "medium" else "high")
+                model(x)
+            finally:
+                torch.set_float32_matmul_precision(before)
+            model(x)
+            stats = replay.stats()["linears"]["0"]
+    assert (stats["misses"], stats["hits"]) == (2, 1)
+
+
+def test_linear_cache_recomputes_an_input_only_once_it_changed_twice():
+    """At the cursor: an input unlike the recorded one is first run as a plain matmul (bit for bit
+    the plain output), the products are computed when it changes again, and then reused."""
+    model, x = linear_model()
+    again = x + 2.0
+    inputs = [x, x + 1.0, again, again]
+    with LayerEdit(model, {"0.weight": direction_for(model[0].weight, 28)}) as edit, torch.no_grad():
+        with upstream_replay(model, edit, linear=True, patience=5) as replay:  # no give-up after 2 misses
+            outputs, plain = [], []
+            for i, xi in enumerate(inputs):
+                edit.step(0.1 * (i + 1))
+                outputs.append(model(xi))
+                plain.append(F.linear(xi, model[0].weight, model[0].bias))  # nn.Linear's own forward
+            stats = replay.stats()["linears"]["0"]
+    assert torch.equal(outputs[1], plain[1])
+    for got, want in zip(outputs, plain):
+        check(got, want, exact=False)
+    assert (stats["misses"], stats["hits"]) == (3, 1)
+
+
+def test_linear_cache_weight_check_at_exactly_four_eps_of_the_scale():
+    """Dyadic values make the check exact: scale = max|theta0| + |lam| max|G| = 1 + 2 x 0.5 = 2,
+    so 4 eps x scale = 2^-20. A weight that far from cast(theta0 + lam G) still uses the products;
+    4.5 eps x scale does not."""
+    model, x = linear_model(bias=False)
+    gen = torch.Generator().manual_seed(29)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randint(-8, 9, model[0].weight.shape, generator=gen) / 8.0)
+        model[0].weight.view(-1)[0] = 1.0
+    d = torch.randint(-4, 5, model[0].weight.shape, generator=gen) / 8.0
+    d.view(-1)[0] = 0.25  # the weight's first entry ends at 1.5 after the step, in [1, 2)
+    eps = torch.finfo(torch.float32).eps
+    with LayerEdit(model, {"0.weight": d}) as edit, torch.no_grad():
+        with upstream_replay(model, edit, linear=True, patience=10) as replay:
+            edit.step(2.0)
+            assert float(model[0].weight.abs().max()) <= 2.0 and float(model[0].weight.view(-1)[0]) == 1.5
+            model(x)
+            hits = []
+            for off in (4.0, 4.5):
+                model[0].weight.view(-1)[0] = 1.5 + off * eps * 2.0  # a new version: checked again
+                model(x)
+                hits.append(replay.stats()["linears"]["0"]["hits"])
+    assert hits == [1, 1]  # at 4 eps: used; at 4.5 eps: bypassed
+
+
+def test_linear_cache_turns_off_after_passes_without_a_hit():
+    """An input that is new at every step: after `patience` passes without a hit the cache is off
+    and every call is the plain matmul, bit for bit."""
+    model, x = linear_model()
+    with LayerEdit(model, {"0.weight": direction_for(model[0].weight, 30)}) as edit, torch.no_grad():
+        with upstream_replay(model, edit, linear=True, patience=1) as replay:
+            got, plain = [], []
+            for i in range(4):
+                edit.step(0.1 * (i + 1))
+                xi = x + i
+                got.append(model(xi))
+                plain.append(F.linear(xi, model[0].weight, model[0].bias))
+            got.append(model(xi))  # once more in the last pass
+            stats = replay.stats()["linears"]["0"]
+    # recorded, then a miss (run plain), then off from the third pass on: bypassed ever since
+    assert (stats["misses"], stats["hits"], stats["bypassed"], stats["off"]) == (2, 0, 2, True)
+    for g, p in zip(got[2:], plain[2:] + plain[-1:]):
+        assert torch.equal(g, p)
+
+
+class Marked(torch.Tensor):
+    """A tensor subclass: its operations may be overridden, so its values are never cached."""
+
+
+@pytest.mark.parametrize("change", ["subclass input", "weight replaced"])
+def test_linear_cache_runs_plain_for_a_subclass_input_or_a_replaced_weight(change):
+    model, x = linear_model()
+    with LayerEdit(model, {"0.weight": direction_for(model[0].weight, 32)}) as edit, torch.no_grad():
+        edit.step(0.4)
+        with upstream_replay(model, edit, linear=True) as replay:
+            model(x)
+            if change == "subclass input":
+                x = x.as_subclass(Marked)
+            else:
+                model[0].weight = torch.nn.Parameter(model[0].weight.detach() * 2)
+            got = model(x)
+            stats = replay.stats()["linears"]["0"]
+        assert torch.equal(got.as_subclass(torch.Tensor), F.linear(x, model[0].weight, model[0].bias).as_subclass(torch.Tensor))
+    assert (stats["misses"], stats["bypassed"]) == (1, 1)
+
+
+def test_linear_cache_keeps_no_products_over_its_byte_budget():
+    """A budget below one record: the products are computed and used once, never kept."""
+    model, x = linear_model()
+    with LayerEdit(model, {"0.weight": direction_for(model[0].weight, 31)}) as edit, torch.no_grad():
+        with upstream_replay(model, edit, linear=True, max_bytes=100, patience=10) as replay:
+            for lam in (0.2, 0.4, 0.2):
+                edit.step(lam)
+                check(model(x), F.linear(x, model[0].weight, model[0].bias), exact=False)
+            stats = replay.stats()
+    assert stats["linears"]["0"]["hits"] == 0 and stats["linears"]["0"]["misses"] == 3 and stats["bytes"] == 0
