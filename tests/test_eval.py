@@ -297,6 +297,19 @@ def phi(x):
     return 0.5 * (1 + math.erf(x / math.sqrt(2)))
 
 
+def test_membership_inference_runs_the_folds_and_repeats_asked_for():
+    """folds x repeats scores; the smallest legal settings (2 folds, 1 repeat, as many samples as
+    folds) run; identical groups score 50 in every fold, separated ones 100."""
+    same = membership_inference(np.full(6, 0.5), np.full(9, 0.5), folds=3, repeats=1)
+    assert same.scores == (50.0,) * 3 and same.n_per_group == 6
+    smallest = membership_inference(np.zeros(2), np.ones(2), folds=2, repeats=1)
+    assert smallest.scores == (100.0, 100.0) and smallest.n_per_group == 2
+    assert membership_inference(np.zeros(3), np.ones(5), folds=3, repeats=2).scores == (100.0,) * 6
+    for folds, repeats in ((1, 1), (5, 0)):  # either one out of range is refused
+        with pytest.raises(SlugError, match="folds must be at least 2 and repeats at least 1"):
+            membership_inference(np.zeros(10), np.ones(10), folds=folds, repeats=repeats)
+
+
 def test_membership_inference_known_answers():
     rng = np.random.default_rng()
     separated = membership_inference(rng.normal(0, 0.1, 400), rng.normal(3, 0.1, 400))

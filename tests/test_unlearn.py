@@ -61,7 +61,14 @@ def test_unlearn_forgets_keeps_and_round_trips_its_delta(digits_model, digits_tr
     assert set(result.layers) <= set(sum(result.fronts.values(), []))
     assert result.trace and result.trace[-1].seconds >= 0 and result.stats.backend in ("cpp", "torch")
     assert set(result.seconds) == {"gradients", "select", "search", "total"}
-    json.dumps(result.to_dict(with_stats=True))  # JSON-ready
+    summary = json.loads(json.dumps(result.to_dict(with_stats=True)))  # JSON-ready
+    assert summary["candidates"] == [
+        {"layers": c.layers, "tower": c.tower, "step": c.search.step, "start": c.search.start,
+         "reached": c.search.reached, "relative_change": c.relative_change, "utility": c.utility,
+         "evaluations": len(c.search.trace)} for c in result.candidates]
+    assert (summary["layers"], summary["edited"], summary["step"], summary["applied"]) == \
+        (result.layers, result.edited, result.step, True)
+    assert len(summary["stats"]) == len(result.stats.names)
 
     path = result.save(tmp_path / "delta")
     fresh = digits.build_model(0)
