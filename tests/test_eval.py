@@ -15,7 +15,8 @@ from slug_fast.adapters.open_clip import OpenClipAdapter
 from slug_fast.errors import SlugError
 from slug_fast.eval import (SimilarityWatch, ZeroShotClassifier, clip_membership_inference, clip_sample_scores,
                             concept_accuracy, concept_criterion, encode_images, encode_texts, generate_and_score,
-                            membership_inference, plot_similarity, similarity_change, similarity_matrix, zero_shot_accuracy)
+                            membership_inference, plot_similarity, similarity_change, similarity_figure,
+                            similarity_matrix, zero_shot_accuracy)
 
 NAMES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
 # Two templates whose embeddings differ in norm (2x and 1x) and lean opposite ways on an extra axis:
@@ -482,8 +483,57 @@ def test_similarity_change_and_plot(tmp_path, gen):
         plot_similarity(tmp_path / "similarity.jpg", before)
     with pytest.raises(SlugError, match="captions has 2 entries for a matrix with 3"):
         plot_similarity(tmp_path / "similarity.png", before, captions=["a", "b"])
+    with pytest.raises(SlugError, match="image_labels has 4 entries for a matrix with 3"):
+        plot_similarity(tmp_path / "similarity.png", before, image_labels=["a", "b", "c", "d"])
     with pytest.raises(SlugError, match="directory .* does not exist"):
         plot_similarity(tmp_path / "missing" / "similarity.png", before)
+
+
+def test_similarity_figure_shows_what_it_says():
+    """Panels, colour scales, labels and cell values of the figure plot_similarity writes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    before = torch.tensor([[0.30, 0.10, -0.20], [0.05, 0.40, 0.00], [0.10, -0.10, 0.25]], dtype=torch.float64)
+    after = before.clone()
+    after[0, 0], after[2, 1], after[1, 1] = -0.50, 0.35, 0.20  # after's own range: [-0.5, 0.35]
+    long = "a caption far longer than thirty-two characters"
+    fig = similarity_figure(before, after, captions=["a", long, "c"], image_labels=["x", "y", "z"], title="edit")
+    panels = [ax for ax in fig.axes if ax.get_title()]  # the colorbars have no title
+    assert [ax.get_title() for ax in panels] == ["before", "after", "after - before"]
+    assert [ax.get_subplotspec().get_geometry() for ax in panels] == [(1, 3, i, i) for i in range(3)]  # one row
+    assert isinstance(fig.canvas, FigureCanvasAgg) and isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
+    assert fig.get_suptitle() == "edit"
+    images = [ax.get_images()[0] for ax in panels]
+    assert [im.get_cmap().name for im in images] == ["viridis", "viridis", "RdBu_r"]
+    # before and after share one scale over both; the change is symmetric around 0
+    assert [im.get_clim() for im in images[:2]] == [(-0.5, 0.4)] * 2
+    assert images[2].get_clim() == pytest.approx((-0.8, 0.8))
+    for im, m in zip(images, (before, after, after - before)):
+        assert np.array_equal(im.get_array(), m.numpy())
+    for ax in panels:
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("caption", "image")
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["a", long[:31] + "…", "c"]
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["x", "y", "z"]
+    cells = [(t.get_position(), t.get_text()) for t in panels[2].texts]
+    assert len(cells) == 9 and cells[0] == ((0, 0), "-0.80") and cells[7] == ((1, 2), "0.45")
+    assert cells[4] == ((1, 1), "-0.20")
+    assert [t.get_text() for t in panels[0].texts][:3] == ["0.30", "0.10", "-0.20"]
+
+    one = similarity_figure(before)
+    assert [ax.get_title() for ax in one.axes if ax.get_title()] == ["similarity"] and one.get_suptitle() == ""
+    assert one.axes[0].get_images()[0].get_clim() == (-0.2, 0.4)
+    assert [t.get_text() for t in one.axes[0].get_xticklabels()] == ["0", "1", "2"]
+    edge = similarity_figure(before, captions=["x" * 32, "y" * 33, "z"])  # 32 characters fit, 33 do not
+    assert [t.get_text() for t in edge.axes[0].get_xticklabels()] == ["x" * 32, "y" * 31 + "…", "z"]
+    unchanged = similarity_figure(before, before.clone())  # no change: a tiny symmetric scale, not (0, 0)
+    assert unchanged.axes[4].get_images()[0].get_clim() == (-1e-12, 1e-12)
+    # up to 12 x 12 cells carry their value; beyond, none
+    assert len(similarity_figure(torch.zeros(12, 12)).axes[0].texts) == 144
+    assert len(similarity_figure(torch.zeros(12, 13)).axes[0].texts) == 0
+    # the figure grows with the matrix: 2.5 + 0.45 in per column and panel, 1.5 + 0.45 in per row
+    assert tuple(similarity_figure(before, after).get_size_inches()) == pytest.approx((3 * (2.5 + 3 * 0.45),
+                                                                                       1.5 + 3 * 0.45))
 
 
 def test_concept_criterion_judges_the_model_it_is_given(digits_model, digits_trained):

@@ -10,7 +10,7 @@
 from .answers import answer_rate, generate_answers, mentions
 from .generation import generate_and_score
 from .mia import MIAResult, SampleScores, clip_membership_inference, clip_sample_scores, membership_inference
-from .similarity import SimilarityWatch, plot_similarity, similarity_change, similarity_matrix
+from .similarity import SimilarityWatch, plot_similarity, similarity_change, similarity_figure, similarity_matrix
 from .zero_shot import (IDENTITY_TEMPLATES, OBJECT_TEMPLATES, TowerCache, ZeroShotClassifier, concept_accuracy,
                         concept_criterion, encode_images, encode_texts, zero_shot_accuracy)
 
@@ -18,5 +18,5 @@ __all__ = [
     "IDENTITY_TEMPLATES", "MIAResult", "OBJECT_TEMPLATES", "SampleScores", "SimilarityWatch", "TowerCache", "ZeroShotClassifier",
     "answer_rate", "clip_membership_inference", "clip_sample_scores", "concept_accuracy", "concept_criterion",
     "encode_images", "encode_texts", "generate_and_score", "generate_answers", "membership_inference", "mentions",
-    "plot_similarity", "similarity_change", "similarity_matrix", "zero_shot_accuracy",
+    "plot_similarity", "similarity_change", "similarity_figure", "similarity_matrix", "zero_shot_accuracy",
 ]

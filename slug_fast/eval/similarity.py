@@ -55,14 +55,23 @@ def plot_similarity(path: str | os.PathLike, before: torch.Tensor, after: torch.
     Rows are images, columns captions. The file is written atomically
     (matplotlib's Agg canvas; pyplot and its global state are not used).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise SlugError(f"plot path {path} must end in .png")
     if not path.parent.is_dir():
         raise SlugError(f"cannot write {path}: the directory {path.parent} does not exist")
+    fig = similarity_figure(before, after, captions, image_labels, title)
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+
+
+def similarity_figure(before: torch.Tensor, after: torch.Tensor | None = None,
+                      captions: Sequence[str] | None = None, image_labels: Sequence[str] | None = None,
+                      title: str | None = None):
+    """The matplotlib Figure plot_similarity draws: one panel ("similarity"), or "before",
+    "after" on one colour scale and "after - before" on a symmetric diverging one."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     before = before.detach().double().cpu()
     if before.ndim != 2 or before.numel() == 0:
         raise SlugError(f"expected a non-empty (images, captions) matrix, got shape {tuple(before.shape)}")
@@ -99,7 +108,7 @@ def plot_similarity(path: str | os.PathLike, before: torch.Tensor, after: torch.
                     ax.text(c, r, f"{m[r, c].item():.2f}", ha="center", va="center", fontsize=6)
     if title:
         fig.suptitle(title)
-    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    return fig
 
 
 def _short(text: str, width: int = 32) -> str:
