@@ -531,6 +531,7 @@ def test_similarity_figure_shows_what_it_says():
     # up to 12 x 12 cells carry their value; beyond, none
     assert len(similarity_figure(torch.zeros(12, 12)).axes[0].texts) == 144
     assert len(similarity_figure(torch.zeros(12, 13)).axes[0].texts) == 0
+    assert len(similarity_figure(torch.zeros(5, 29)).axes[0].texts) == 0  # 145 cells
     # the figure grows with the matrix: 2.5 + 0.45 in per column and panel, 1.5 + 0.45 in per row
     assert tuple(similarity_figure(before, after).get_size_inches()) == pytest.approx((3 * (2.5 + 3 * 0.45),
                                                                                        1.5 + 3 * 0.45))
