@@ -439,3 +439,76 @@ def test_answering_and_tracing_the_tower_leave_modes_and_flags_as_they_were(toke
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     with pytest.raises(SlugError, match=r"each item is \(image, question, expected_answer\) with a non-empty"):
         answer_rate(ad, [(forget[0][0], WHO, " ")])
+
+
+class CountingGenerate:
+    """Wraps model.generate, recording how many prompts each call takes."""
+
+    def __init__(self, model):
+        self.batches, self.real = [], model.generate
+        model.generate = self
+
+    def __call__(self, *args, **kwargs):
+        self.batches.append(kwargs["input_ids"].shape[0])
+        return self.real(*args, **kwargs)
+
+
+def test_answer_rate_counts_the_answers_that_name_the_expected_text(tokenizer):
+    model = tiny_llava(seed=5)  # untrained: greedy answers known by running it (below, by hand)
+    forget, retain = qa_items()
+    images = [x for x, _, _ in forget[:3] + retain[8:11]]
+    questions = [WHO] * 3 + [COLOR] * 3  # two prompt lengths: two groups of batches
+    answers = generate_answers(LlavaAdapter(model, tokenizer=tokenizer), list(zip(images, questions)),
+                               max_new_tokens=4, batch_size=2)
+    assert answers[:3] == answers[4:5] * 3 and answers[3] == answers[5] and "alice" in answers[3]
+    assert "assistant" in answers[0].lower() and "alice" not in answers[0]
+    expected = ["assistant", "bob", "bob", "alice", "Assistant", "of  alice"]
+    hits = [True, False, False, True, True, True]  # whole words, any case, any spacing (by hand)
+    items = [[x, q, e] for x, q, e in zip(images, questions, expected)]  # lists are items too
+    calls = CountingGenerate(model)
+    out = answer_rate(model, items, tokenizer=tokenizer, max_new_tokens=4, batch_size=2)
+    assert out == {"rate": 100.0 * sum(hits) / 6, "hits": 4, "total": 6, "answers": answers}
+    assert sorted(calls.batches) == [1, 1, 2, 2]  # 3 + 3 prompts, at most 2 a call
+    # the defaults: 16 new tokens, 8 prompts a call
+    ad = LlavaAdapter(model, tokenizer=tokenizer)
+    sixteen, seventeen = (generate_answers(ad, items[3:4], max_new_tokens=n, batch_size=1) for n in (16, 17))
+    assert sixteen != seventeen and sixteen[0].startswith(answers[3] + " ")  # a word a token
+    calls.batches.clear()
+    assert answer_rate(model, items[3:4] * 9, tokenizer=tokenizer)["answers"] == sixteen * 9
+    assert calls.batches == [8, 1]
+
+    # a prompt of one's own, and the processor (or its parts) of a model passed bare
+    prompt = "USER: {image}\nwhat {question} ASSISTANT: a"
+    mine = answer_rate(model, items, tokenizer=tokenizer, prompt=prompt, max_new_tokens=4)
+    assert mine == answer_rate(LlavaAdapter(model, tokenizer=tokenizer, prompt=prompt), items, max_new_tokens=4)
+    assert mine["answers"] != answers
+    rng = np.random.default_rng(0)
+    pil = [Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")) for _ in range(2)]
+    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    pil_items = [(pil[0], WHO, "alice"), (pil[1], COLOR, "assistant")]
+    by_adapter = answer_rate(LlavaAdapter(model, processor=processor), pil_items, max_new_tokens=3)
+    assert answer_rate(model, pil_items, processor=processor, max_new_tokens=3) == by_adapter
+    assert answer_rate(model, pil_items, tokenizer=tokenizer, image_processor=image_processor,
+                       max_new_tokens=3) == by_adapter
+
+
+@pytest.mark.parametrize("bad", [
+    lambda x: (x, WHO),  # no expected answer
+    lambda x: (x, WHO, "alice", "bob"),
+    lambda x: (x, WHO, 3),
+    lambda x: (x, WHO, ""),
+    lambda x: (x, WHO, " \n"),
+    lambda x: {"image": x, "question": WHO, "answer": "alice"},
+    lambda x: "alice",
+])
+def test_answer_rate_refuses_a_bad_item_before_generating(tokenizer, bad):
+    model = tiny_llava()
+    forget, _ = qa_items()
+    calls = CountingGenerate(model)
+    with pytest.raises(SlugError, match=r"each item is \(image, question, expected_answer\)"):
+        answer_rate(model, forget[:2] + [bad(forget[0][0])], tokenizer=tokenizer, max_new_tokens=2)
+    assert calls.batches == []
+    with pytest.raises(SlugError, match=r"no \(image, question, expected_answer\) items"):
+        answer_rate(model, iter([]), tokenizer=tokenizer)

@@ -454,6 +454,41 @@ def test_hf_hooks_count_as_active_outside_checked_versions(monkeypatch, version,
     assert (vision["hits"] > 0) == replayed and (vision["bypassed"] == 0) == replayed
 
 
+def fake_hook(module, name, key=None):
+    """A function named `name` defined in `module`, closing over `key` unless it is None."""
+    if key is None:
+        def hook(m, args, output):
+            return None
+    else:
+        def hook(m, args, output):
+            return key
+    hook.__name__, hook.__module__ = name, module
+    return hook
+
+
+def test_only_transformers_own_capture_hook_with_nothing_to_capture_counts_as_idle(monkeypatch):
+    import functools
+    import transformers
+
+    collector = getattr(importlib.import_module(HF_MODULE), HF_COLLECTOR)
+    theirs = "transformers.utils.output_capturing"
+    hidden, attentions = fake_hook(theirs, HF_HOOK, "hidden_states"), fake_hook(theirs, HF_HOOK, "attentions")
+    others = [fake_hook("my_package.hooks", HF_HOOK, "attentions"),  # a user's function of the same name
+              fake_hook("transformers_extra.hooks", HF_HOOK, "attentions"),
+              fake_hook(theirs, "another_hook", "attentions"),
+              fake_hook(theirs, HF_HOOK),  # no `key` to read: in doubt, active
+              functools.partial(fake_hook(theirs, HF_HOOK, "attentions"))]  # no __name__
+    token = collector.set({"hidden_states": []})  # a capture of hidden states is running
+    try:
+        assert [inactive_hf_hook(h) for h in (hidden, attentions, *others)] == [False, True] + [False] * 5
+    finally:
+        collector.reset(token)
+    # no capture running: idle (even without a `key` to read)
+    assert [inactive_hf_hook(h) for h in (hidden, *others)] == [True, False, False, False, True, False]
+    monkeypatch.setattr(transformers, "__version__", "6.0.0")  # outside HF_CHECKED: never idle
+    assert not inactive_hf_hook(hidden)
+
+
 # --------------------------------------------------------------------- unlearn
 
 def test_unlearn_with_and_without_cache_choose_the_same(digits_model, digits_trained):
@@ -571,6 +606,69 @@ def test_linear_cache_follows_a_weight_written_after_the_step():
             stats = replay.stats()["linears"]["0"]
         check(got, model(x), exact=False)
     assert (stats["misses"], stats["bypassed"]) == (1, 1)  # products recorded, then not used
+
+
+class AttentionBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return x + self.fc(x)
+
+
+class AttentionTower(torch.nn.Module):
+    """A stem (embed), a stack of three blocks, and a final norm downstream of any edit."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 8)
+        self.blocks = torch.nn.ModuleList([AttentionBlock() for _ in range(3)])
+        self.norm = torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def test_stats_per_stack_stem_and_linear_and_attention_owned_projections_are_not_cached():
+    """MultiheadAttention reads out_proj.weight itself, never calling out_proj: no Linear cache for it,
+    at any depth (blocks.1.attn.out_proj) or as the model itself (out_proj)."""
+    torch.manual_seed(0)
+    model, x = AttentionTower().eval(), torch.randn(2, 5, 4)
+    edited = ("blocks.1.attn.out_proj.weight", "blocks.2.fc.weight")
+    params = dict(model.named_parameters())
+    with LayerEdit(model, {n: direction_for(params[n], i) for i, n in enumerate(edited)}) as edit, torch.no_grad():
+        plain, got, stats = run_steps(model, edit, lambda: model(x), (0.1, 0.2, 0.1, 0.3), linear=True)
+    for g, w in zip(got, plain):
+        check(g, w, exact=False)
+    # by hand: what is upstream of blocks.1 (embed, block 0) is recorded once and hit three times; the
+    # norm and blocks.2.fc see inputs that move with the step: 3 distinct steps miss, and the norm
+    # (no hit in `patience` = 2 passes) turns off; blocks.2.fc hits when step 0.1 comes back
+    assert {k: v for k, v in stats.items() if "bytes" not in k} == {
+        "stacks": {"blocks": {"boundary": 1, "blocks": 3, "hits": 3, "misses": 1, "bypassed": 0,
+                              "materialized": 0, "off": False}},
+        "stems": {"embed": {"hits": 3, "misses": 1, "bypassed": 0, "off": False},
+                  "norm": {"hits": 0, "misses": 3, "bypassed": 1, "off": True}},
+        "linears": {"blocks.2.fc": {"hits": 1, "misses": 3, "bypassed": 0, "off": False}}}
+    assert 0 < stats["bytes"] < stats["peak_bytes"]  # the norm's record was dropped when it turned off
+
+    torch.manual_seed(1)
+    attention, q = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval(), torch.randn(2, 5, 8)
+    direction = direction_for(attention.out_proj.weight, 7)
+    with LayerEdit(attention, {"out_proj.weight": direction}) as edit, torch.no_grad():
+        edit.step(0.2)
+        want = attention(q, q, q)[0]
+        with upstream_replay(attention, edit, linear=True) as replay:
+            assert no_patches(attention)  # nothing to replay, nothing to cache
+            got = attention(q, q, q)[0]
+            stats = replay.stats()
+    assert stats == {"bytes": 0, "peak_bytes": 0, "stacks": {}, "stems": {}, "linears": {}}
+    assert torch.equal(got, want)
 
 
 # --------------------------------------------------------------------- tuple outputs, keyword arguments
