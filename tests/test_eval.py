@@ -116,6 +116,21 @@ def test_encoding_runs_in_eval_mode_and_restores_each_submodules_own_mode():
     assert [m.training for m in model.modules()] == [True, True, False]
 
 
+def test_class_counts_cover_every_class_so_shards_add_up():
+    """Per-class counts of images and hits, int64, one column per class even where no image is (the
+    distributed criterion all-reduces them, so every shard's table must have the same shape)."""
+    classifier = ZeroShotClassifier(StubAdapter(StubClip()), NAMES, list(TEMPLATES))
+    labels = torch.tensor([0, 2, 2, 0, 2, 5])  # classes 1, 3, 4, 6 and 7 have no image
+    hits = {1: torch.tensor([True, False, True, True, False, False]), 5: torch.tensor([True] * 5 + [False])}
+    counts, hit_counts = classifier.class_counts(labels, hits)
+    assert counts.dtype == hit_counts.dtype == torch.int64
+    assert counts.tolist() == [2, 0, 3, 0, 0, 1, 0, 0]
+    assert hit_counts.tolist() == [[2, 0, 1, 0, 0, 0, 0, 0], [2, 0, 3, 0, 0, 0, 0, 0]]
+    halves = [classifier.class_counts(labels[s], {k: h[s] for k, h in hits.items()})
+              for s in (slice(0, 2), slice(2, 6))]  # the first half has class 0 only
+    assert torch.equal(halves[0][0] + halves[1][0], counts) and torch.equal(halves[0][1] + halves[1][1], hit_counts)
+
+
 def test_zero_shot_accuracy_is_the_known_answer(gen):
     n = 300
     labels = torch.randint(len(NAMES), (n,), generator=gen)

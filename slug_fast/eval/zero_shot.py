@@ -200,10 +200,9 @@ class ZeroShotClassifier:
     def class_counts(self, labels: torch.Tensor, hits: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(images per class [C], hits per k and class [len(hits), C]), int64: counts that
         add up across shards of the images (the distributed criterion all-reduces them)."""
-        n = len(self.class_names)
+        n = len(self.class_names)  # every class, present or not: the shards' tables must line up
         counts = torch.bincount(labels, minlength=n)
-        hit_counts = torch.stack([torch.bincount(labels[h], minlength=n) for h in hits.values()]) if hits else \
-            torch.zeros((0, n), dtype=torch.int64)
+        hit_counts = torch.stack([torch.bincount(labels[h], minlength=n) for h in hits.values()])
         return counts, hit_counts
 
     def concept_metrics(self, label: int, topk: Sequence[int], counts: torch.Tensor,
