@@ -202,7 +202,8 @@ def read_webdataset(shards, limit: int | None = None, mode: str = "RGB") -> Pair
                 whole = True
         except (tarfile.TarError, OSError, EOFError, ValueError) as err:
             # a truncated or corrupt shard keeps what was read before the damage; the run goes on
-            reason = err.args[0] if err.args else err  # webdataset appends its stream objects to args
+            # webdataset appends its stream objects to args; an error without a message is named by type
+            reason = err.args[0] if err.args else type(err).__name__
             skipped.append(Skipped(str(path), "unreadable", f"not a readable WebDataset tar file ({reason})"))
         finally:
             samples.close()  # releases the shard's file when `limit` stops early

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import slug_fast.data
 from slug_fast.data import (Pairs, Skipped, concept_pattern, decode_image, label_by_class, pairs_from,
                             read_image_folder, read_source, read_webdataset, shard, split_by_concept,
                             split_by_concepts)
@@ -177,6 +178,17 @@ def test_webdataset_bad_input_is_a_clear_error(tmp_path, rng):
     (tmp_path / "none").mkdir()
     with pytest.raises(SlugError, match="holds no .tar shards"):
         read_webdataset(tmp_path / "none")
+
+
+def test_a_read_error_without_a_message_is_reported_by_its_type(tmp_path, rng, monkeypatch):
+    members = [("0.png", encoded(random_image(rng, (8, 8)), "PNG")), ("0.txt", b"item")]
+    shard = write_tar(tmp_path / "shard.tar", members)
+
+    def failing(sample):
+        raise OSError()  # as a file system may raise mid-read: no args
+    monkeypatch.setattr(slug_fast.data, "_caption_of", failing)
+    with pytest.raises(SlugError, match=r"shard.tar: not a readable WebDataset tar file \(OSError\)\)"):
+        read_webdataset(shard)
 
 
 def test_a_truncated_shard_keeps_what_it_yielded_and_the_run_goes_on(tmp_path, rng):

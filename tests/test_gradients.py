@@ -136,3 +136,43 @@ def test_bad_input(gen):
     with pytest.raises(SlugError, match="no grad_fn"):
         slug_fast.compute_gradients(model, batches(1, gen), None, lambda m, b: torch.tensor(1.0), progress=False)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_host_sums_stage_each_layer_in_one_buffer_pinned_only_for_a_gpu_model(monkeypatch):
+    """The offload store: one staging buffer per layer, reused batch after batch (allocating one a
+    batch would churn host memory), pinned (page-locked, for non-blocking copies) only when the
+    model is on a GPU and CUDA is there. Pinning is observed by spying on torch.empty, so this runs
+    without a GPU; the copies themselves are checked on the GPU machine (bench/gpu)."""
+    from types import SimpleNamespace
+
+    from slug_fast.gradients import HostSums
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3, 4, generator=gen).bfloat16() for _ in range(3)]
+    sums = HostSums({"w": torch.zeros(3, 4, dtype=torch.bfloat16)})
+    staged = []
+    for g in grads:
+        sums.add("w", g)
+        staged.append(sums.staging["w"])
+        sums.end_batch()
+    assert staged[0] is staged[1] is staged[2] and not staged[0].is_pinned()
+    want = sum(g.float() for g in grads)  # float32 sums of bfloat16 values: exact here
+    assert torch.equal(sums.sums["w"], want)
+
+    pinned = []
+    real_empty = torch.empty
+
+    def spy_empty(*args, pin_memory=False, **kwargs):
+        pinned.append(pin_memory)
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "empty", spy_empty)
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    on_cpu = torch.zeros(3, 4)
+    assert [HostSums({"w": p}).pin for p in (on_gpu, on_cpu)] == [True, False]
+    HostSums({"w": on_gpu}).add("w", grads[0])
+    HostSums({"w": on_cpu}).add("w", grads[0])
+    assert pinned == [True, False]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CUDA model but no CUDA: never pinned
+    assert not HostSums({"w": on_gpu}).pin
