@@ -882,3 +882,20 @@ def test_clip_membership_inference_defaults_and_seed():
     result = clip_membership_inference(adapter, forget, held_out, seed=3)
     assert result == {"loss": membership_inference(forget_loss, held_loss, repeats=10, seed=3),
                       "distance": membership_inference(forget_distance, held_distance, repeats=10, seed=3)}
+
+
+def test_sharded_concept_criterion_takes_k_and_encodes_batch_size_at_a_time(monkeypatch, gen):
+    monkeypatch.setattr("slug_fast.distributed.Ranks", lambda group: group)
+    n, concept = 20, 2
+    labels = torch.arange(n) % len(NAMES)  # the concept: images 2, 10 and 18
+    ranks = torch.randint(len(NAMES), (n,), generator=gen)
+    ranks[labels == concept] = torch.tensor([2, 3, 4])  # in the top 3: one of three; in the top 5: all
+    images = images_with_ranks(labels, ranks, gen)
+    model = StubClip().eval()
+    want = concept_criterion(StubAdapter(model), images, labels, NAMES, NAMES[concept], list(TEMPLATES), k=3)(model)
+    assert want[0] is False and want[1]["forget_top3"] == pytest.approx(100 / 3, abs=1e-12)
+    adapter, board = Batches(model), {}
+    criteria = [concept_criterion(adapter, images, labels, NAMES, NAMES[concept], list(TEMPLATES), k=3,
+                                  batch_size=3, process_group=ThreadRanks(r, 2, board)) for r in range(2)]
+    assert on_threads(criteria, model, board) == [want] * 2
+    assert sorted(adapter.image_batches) == sorted(chunks(10, 3) * 2)  # each rank its 10 images, 3 at a time

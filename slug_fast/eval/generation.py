@@ -44,10 +44,10 @@ def _scorer_pixels(scorer: ClipFamilyAdapter, images: torch.Tensor) -> torch.Ten
     dtype = next(scorer.target.parameters()).dtype
     if getattr(scorer, "image_processor", None) is not None or getattr(scorer, "preprocess", None) is not None:
         as_uint8 = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        return scorer.pixels([Image.fromarray(a) for a in as_uint8]).to(scorer.device, dtype)
-    x = F.interpolate(images, size=_input_size(scorer), mode="bicubic", align_corners=False, antialias=True)
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return ((x.clamp(0, 1) - mean) / std).to(scorer.device, dtype)
+        return scorer.pixels([Image.fromarray(a) for a in as_uint8]).to(dtype)  # image_features moves them
+    x = F.interpolate(images, size=_input_size(scorer), mode="bicubic", antialias=True)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return ((x.clamp(0, 1) - mean) / std).to(dtype)
 
 
 @torch.no_grad()
