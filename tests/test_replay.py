@@ -842,6 +842,14 @@ def test_linear_cache_reuses_its_products_at_every_step(dtype):
                 tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2 ** -7}[dtype]
                 assert (got.double() - want).abs().max() <= tol * want.abs().max()
             stats = replay.stats()["linears"]["0"]
+            (held,) = [r for r in replay.linears[0].cache.records if r is not None]
+    # the products are held in float32 (float64 for float64) and rounded once from exact sums
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert held.base.dtype == held.gx.dtype == acc
+    exact_gx, exact_base = F.linear(x.double(), d.double()), F.linear(x.double(), theta0.double())
+    assert (held.gx.double() - exact_gx).abs().max() <= 8 * torch.finfo(acc).eps * exact_gx.abs().max()
+    assert (held.base.double() - exact_base - model[0].bias.double()).abs().max() <= \
+        2 * torch.finfo(dtype).eps * exact_base.abs().max()  # W0 x + b is the module's own, in its dtype
     assert (stats["misses"], stats["hits"], stats["bypassed"]) == (1, 3, 0)
 
 
