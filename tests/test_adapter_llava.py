@@ -21,6 +21,8 @@ from slug_fast.errors import SlugError
 from slug_fast.eval import answer_rate, generate_answers, mentions
 from slug_fast.pareto import is_eligible
 
+from conftest import trained_once
+
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:", "who", "is", "this", "?", "what",
          "color", "alice", "bob", "red", "green", "blue", "a", "photo", "of"]
 ID = {w: i for i, w in enumerate(WORDS)}
@@ -98,12 +100,11 @@ def tokenizer():
     return make_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def trained(tokenizer):
-    """State of a tiny LLaVA trained (HF's own loss) to name "alice" and "bob" and tell colors."""
+@trained_once
+def trained_llava_state():
     model = tiny_llava()
     forget, retain = qa_items()
-    (batch,) = LlavaAdapter(model, tokenizer=tokenizer).make_qa_batches(forget + retain, batch_size=64)
+    (batch,) = LlavaAdapter(model, tokenizer=make_tokenizer()).make_qa_batches(forget + retain, batch_size=64)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(50):
@@ -111,7 +112,13 @@ def trained(tokenizer):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return {k: v.clone() for k, v in model.eval().state_dict().items()}
+    return model.eval().state_dict()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """State of a tiny LLaVA trained (HF's own loss) to name "alice" and "bob" and tell colors."""
+    return {k: v.clone() for k, v in trained_llava_state().items()}
 
 
 def trained_llava(state):
