@@ -21,7 +21,7 @@ from slug_fast.errors import SlugError
 from slug_fast.eval import answer_rate, generate_answers, mentions
 from slug_fast.pareto import is_eligible
 
-from conftest import trained_once
+from trained_models import trained_once
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:", "who", "is", "this", "?", "what",
          "color", "alice", "bob", "red", "green", "blue", "a", "photo", "of"]
