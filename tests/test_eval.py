@@ -899,3 +899,39 @@ def test_sharded_concept_criterion_takes_k_and_encodes_batch_size_at_a_time(monk
                                   batch_size=3, process_group=ThreadRanks(r, 2, board)) for r in range(2)]
     assert on_threads(criteria, model, board) == [want] * 2
     assert sorted(adapter.image_batches) == sorted(chunks(10, 3) * 2)  # each rank its 10 images, 3 at a time
+
+
+def test_concept_criterion_judges_another_model_with_the_same_settings(gen):
+    """A copy of the model (same type) is judged with the criterion's own templates, k and batch size."""
+    n, concept = 20, 2
+    labels = torch.arange(n) % len(NAMES)
+    ranks = torch.randint(len(NAMES), (n,), generator=gen)
+    ranks[labels == concept] = torch.tensor([2, 3, 4])  # in the top 3: one of three; in the top 5: all
+    images = images_with_ranks(labels, ranks, gen)
+    model, copy = StubClip().eval(), StubClip().eval()
+    adapter = Batches(model)  # rebinding copies it: the copy's batches are recorded here too
+    criterion = concept_criterion(adapter, images, labels, NAMES, NAMES[concept], list(TEMPLATES), k=3,
+                                  batch_size=3)
+    want = criterion(model)
+    assert want[0] is False and want[1]["forget_top3"] == pytest.approx(100 / 3, abs=1e-12)
+    adapter.image_batches.clear()
+    assert criterion(copy) == want
+    assert adapter.image_batches == chunks(n, 3)
+    with torch.no_grad():
+        copy.visual.weight.mul_(-1)  # every similarity reversed: judged on the copy's own weights
+    assert criterion(copy)[1]["forget_top3"] == 0.0 and criterion(model) == want  # ranks 5, 4, 3
+
+
+def test_concept_accuracy_and_criterion_encode_64_images_a_batch_by_default(gen):
+    n = 130
+    labels = torch.randint(len(NAMES), (n,), generator=gen)
+    labels[:3] = 3
+    images = images_with_ranks(labels, torch.randint(len(NAMES), (n,), generator=gen), gen)
+    adapter = Batches(StubClip().eval())
+    ZeroShotClassifier(adapter, NAMES, list(TEMPLATES)).concept_accuracy(images, labels, 3)
+    assert adapter.image_batches == [64, 64, 2]
+    criterion = concept_criterion(adapter, images, labels, NAMES, 3, list(TEMPLATES))
+    for model in (adapter.model, StubClip().eval()):  # its own model (encoded once, cached) and a copy
+        adapter.image_batches.clear()
+        criterion(model)
+        assert adapter.image_batches == [64, 64, 2]

@@ -63,10 +63,10 @@ class LinearProducts:
             cache.sync(seen)
             self.step_ok = self._weight_is_at_step()
             if cache.off:
-                return self.original(*args, **kwargs)
+                return self.original(x)
         if not self.step_ok:
             self.bypassed += 1
-            return self.original(*args, **kwargs)
+            return self.original(x)
         numerics = numerics_key()
         entry = cache.find(lambda e: e.numerics == numerics and (e.x is x or same_tensor(e.x, x)))
         if entry is None:
