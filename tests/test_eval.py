@@ -920,6 +920,8 @@ def test_concept_criterion_judges_another_model_with_the_same_settings(gen):
     with torch.no_grad():
         copy.visual.weight.mul_(-1)  # every similarity reversed: judged on the copy's own weights
     assert criterion(copy)[1]["forget_top3"] == 0.0 and criterion(model) == want  # ranks 5, 4, 3
+    once = concept_criterion(adapter, (x for x in images), labels, NAMES, NAMES[concept], list(TEMPLATES), k=3)
+    assert once(model) == want and once(model) == want  # any iterable of images, read once
 
 
 def test_concept_accuracy_and_criterion_encode_64_images_a_batch_by_default(gen):
