@@ -358,6 +358,37 @@ def test_membership_inference_bad_input():
         membership_inference(np.arange(3.0), np.arange(10.0))
     with pytest.raises(SlugError, match="forget has 2 features per sample but held_out has 1"):
         membership_inference(np.zeros((10, 2)), np.zeros(10))
+    for bad, where in (([1.0, 2.0, float("inf")], "at sample 2"), ([], "must be a non-empty"),
+                       (np.zeros((2, 2, 2)), "must be a non-empty")):
+        with pytest.raises(SlugError, match=f"held_out (holds NaN or Inf )?{where}"):
+            membership_inference(np.arange(10.0), bad)
+    with pytest.raises(SlugError, match="5-fold cross-validation needs at least 5 samples"):  # one is not none
+        membership_inference([0.5], np.arange(10.0))
+
+
+def test_membership_inference_reads_any_numbers_as_float64():
+    """Per-sample values of any numeric type (Decimal, Fraction, int) give the float64 values' result."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    f, h = np.arange(12) % 5, np.arange(15) % 7 + 0.5
+    want = membership_inference(f.astype(np.float64), h, folds=3, repeats=2)
+    assert membership_inference([Decimal(int(v)) for v in f], [Fraction(str(v)) for v in h], folds=3, repeats=2) \
+        == want
+    assert membership_inference(f.tolist(), h, folds=3, repeats=2) == want
+
+
+def test_membership_inference_draws_each_sample_once_per_repeat():
+    """Equal groups: every repeat uses each sample exactly once (drawn without replacement). One
+    forget sample lies among the held-out ones, so in every repeat exactly one of the 5 folds (4
+    samples each) misclassifies it: four scores of 100 and one of 75 (a sample drawn twice or never
+    would give two 75s, or none)."""
+    forget = np.concatenate([np.arange(20.0, 29.0), [-5.5]])  # far from the held-out ones but one
+    held_out = np.arange(-10.0, 0.0)
+    res = membership_inference(forget, held_out, folds=5, repeats=10)
+    for r in range(10):
+        assert sorted(res.scores[5 * r:5 * r + 5]) == [75.0] + [100.0] * 4, r
+    assert res.mean == 95.0
 
 
 def brute_force_scores(model, pairs, batch_size):
