@@ -520,7 +520,8 @@ def test_similarity_change_and_plot(tmp_path, gen):
     with Image.open(path) as im:  # figsize (3 panels of 2.5 + 0.45 in per column, 1.5 + 0.45 in per row) x 100 dpi
         assert im.format == "PNG" and im.size == (round(3 * (2.5 + 3 * 0.45) * 100), round((1.5 + 3 * 0.45) * 100))
     assert [p.name for p in tmp_path.iterdir()] == ["similarity.png"]  # no temporary file left
-    plot_similarity(tmp_path / "one.png", before[:, :2])
+    with Image.open(plot_similarity(tmp_path / "one.png", before[:, :2], dpi=50)) as im:  # one panel, 50 dpi
+        assert im.size == (round((2.5 + 2 * 0.45) * 50), round((1.5 + 3 * 0.45) * 50))
     plot_similarity(tmp_path / "single.png", before[:1, :1])  # one image, one caption
     for bad in (before[0], before[:0]):
         with pytest.raises(SlugError, match="expected a non-empty \\(images, captions\\) matrix"):
@@ -968,3 +969,16 @@ def test_concept_accuracy_and_criterion_encode_64_images_a_batch_by_default(gen)
         adapter.image_batches.clear()
         criterion(model)
         assert adapter.image_batches == [64, 64, 2]
+
+
+def test_membership_inference_does_not_depend_on_the_features_units():
+    """The features are standardised before the (regularised) logistic regression: micro-units or
+    kilo-units of the same values give the same attack (unscaled, 1e-6 units would leave the
+    regularised model at chance)."""
+    rng = np.random.default_rng(0)
+    f, h = rng.normal(1, 1, (200, 2)), rng.normal(0, 1, (200, 2))
+    want = membership_inference(f, h, repeats=2)
+    assert 65 < want.mean < 80  # overlapping groups: a real attack, not a trivial one
+    for scale, shift in ((1e-6, 5e-6), (1e3, -2e3)):
+        got = membership_inference(f * scale + shift, h * scale + shift, repeats=2)
+        assert got.scores == pytest.approx(want.scores, abs=1e-9)

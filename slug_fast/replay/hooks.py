@@ -13,6 +13,7 @@ import functools
 import importlib
 import re
 import sys
+import types
 
 from torch import nn
 
@@ -30,12 +31,12 @@ def hf_probe_supported(version: str) -> bool:
 
 def inactive_hf_hook(hook) -> bool:
     """A transformers output-capturing hook that no running capture needs (it would do nothing)."""
-    if getattr(hook, "__name__", "") != HF_HOOK or not str(getattr(hook, "__module__", "")).startswith("transformers."):
-        return False
-    transformers = sys.modules.get("transformers")
-    if not hf_probe_supported(str(getattr(transformers, "__version__", ""))):
+    if not isinstance(hook, types.FunctionType) or hook.__name__ != HF_HOOK \
+            or not str(hook.__module__).startswith("transformers."):
         return False
     try:
+        if not hf_probe_supported(str(sys.modules["transformers"].__version__)):
+            return False
         collected = getattr(importlib.import_module(HF_MODULE), HF_COLLECTOR).get()
         if collected is None:
             return True
