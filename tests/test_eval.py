@@ -566,6 +566,18 @@ def test_similarity_figure_shows_what_it_says():
     assert len(cells) == 9 and cells[0] == ((0, 0), "-0.80") and cells[7] == ((1, 2), "0.45")
     assert cells[4] == ((1, 1), "-0.20")
     assert [t.get_text() for t in panels[0].texts][:3] == ["0.30", "0.10", "-0.20"]
+    # the layout: cells fill their panel (aspect auto) with a colour bar of 0.8 its height beside it;
+    # captions at 60 degrees, right-aligned (their ends under their columns), 7 pt like the image
+    # labels; cell values centred in their cells at 6 pt
+    fig.canvas.draw()
+    for ax, im in zip(panels, images):
+        bar = im.colorbar.ax.get_position()
+        assert ax.get_aspect() == "auto" and bar.height == pytest.approx(0.8 * ax.get_position().height)
+        assert ax.get_position().x1 < bar.x0 < bar.x1 < min([p.get_position().x0 for p in panels
+                                                             if p.get_position().x0 > bar.x0] + [1.0])
+        assert {(t.get_rotation(), t.get_ha(), t.get_fontsize()) for t in ax.get_xticklabels()} == {(60.0, "right", 7)}
+        assert {t.get_fontsize() for t in ax.get_yticklabels()} == {7}
+        assert {(t.get_ha(), t.get_va(), t.get_fontsize()) for t in ax.texts} == {("center", "center", 6)}
 
     one = similarity_figure(before)
     assert [ax.get_title() for ax in one.axes if ax.get_title()] == ["similarity"] and one.get_suptitle() == ""
