@@ -7,6 +7,7 @@ import torch
 
 import slug_fast
 from slug_fast import digits
+from slug_fast.delta import load_delta
 from slug_fast.demo import accuracies, pair_batches
 from slug_fast.errors import CriterionNotReached, DeltaError, SlugError
 from slug_fast.losses import clip_embeddings
@@ -62,15 +63,29 @@ def test_unlearn_forgets_keeps_and_round_trips_its_delta(digits_model, digits_tr
     assert result.trace and result.trace[-1].seconds >= 0 and result.stats.backend in ("cpp", "torch")
     assert set(result.seconds) == {"gradients", "select", "search", "total"}
     summary = json.loads(json.dumps(result.to_dict(with_stats=True)))  # JSON-ready
-    assert summary["candidates"] == [
-        {"layers": c.layers, "tower": c.tower, "step": c.search.step, "start": c.search.start,
-         "reached": c.search.reached, "relative_change": c.relative_change, "utility": c.utility,
-         "evaluations": len(c.search.trace)} for c in result.candidates]
-    assert (summary["layers"], summary["edited"], summary["step"], summary["applied"]) == \
-        (result.layers, result.edited, result.step, True)
-    assert len(summary["stats"]) == len(result.stats.names)
+    stats = result.stats
+    assert summary == {
+        "layers": result.layers, "edited": result.edited, "tower": result.tower, "step": result.step,
+        "relative_change": result.relative_change, "applied": True,
+        "trace": [{"step": e.step, "satisfied": e.satisfied, "metrics": e.metrics, "seconds": e.seconds}
+                  for e in result.trace],
+        "candidates": [{"layers": c.layers, "tower": c.tower, "step": c.search.step, "start": c.search.start,
+                        "reached": c.search.reached, "relative_change": c.relative_change, "utility": c.utility,
+                        "evaluations": len(c.search.trace)} for c in result.candidates],
+        "fronts": result.fronts, "seconds": result.seconds, "backends": result.backends,
+        "memory": result.memory.to_dict(), "ranks": None,
+        "stats": [{"name": n, "param_norm": float(stats.param_norm[i]), "forget_norm": float(stats.forget_norm[i]),
+                   "retain_norm": float(stats.retain_norm[i]), "dot": float(stats.dot[i]),
+                   "importance": float(stats.importance[i]), "alignment": float(stats.alignment[i])}
+                  for i, n in enumerate(stats.names)]}
+    assert "stats" not in result.to_dict()
 
     path = result.save(tmp_path / "delta")
+    _, config = load_delta(path)
+    assert {k: config[k] for k in ("method", "layers", "target_layers", "tower", "step", "relative_change")} == \
+        {"method": "slug", "layers": result.edited, "target_layers": result.layers, "tower": result.tower,
+         "step": result.step, "relative_change": result.relative_change}
+    assert "originals_file_sha256" not in config and not (path / "original.safetensors").exists()
     fresh = digits.build_model(0)
     fresh.load_state_dict(digits_trained[0])
     assert slug_fast.apply_delta(fresh, path) == result.layers
