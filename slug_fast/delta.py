@@ -358,9 +358,9 @@ def apply_delta(model, path: str | os.PathLike, verify_base: bool = True) -> lis
         if name not in named:
             raise DeltaError(str(unknown_name("delta tensor's parameter", name, named)))
         p, spec = named[name], config["tensors"][name]
-        if list(p.shape) != list(spec.get("shape", [])) or delta.shape != p.shape:
-            raise DeltaError(f"delta for {name!r} has shape {list(delta.shape)} (config {spec.get('shape')}); "
-                             f"the model's parameter has shape {list(p.shape)}")
+        if delta.shape != p.shape:  # load_delta checked it against the config's shape
+            raise DeltaError(f"delta for {name!r} has shape {list(delta.shape)}; the model's parameter has shape "
+                             f"{list(p.shape)}")
         if str(p.dtype).removeprefix("torch.") != spec.get("dtype"):
             raise DeltaError(f"delta for {name!r} was made for dtype {spec.get('dtype')}; the model's "
                              f"parameter has dtype {p.dtype}; convert the model first")

@@ -622,3 +622,57 @@ def test_output_directories_that_cannot_be_written_are_refused_first(tmp_path, m
     with pytest.raises(SlugError, match="cannot be created: .*ro is not writable"):
         check_dir_target(tmp_path / "ro" / "new", "--out", writable=True)
     assert check_dir_target(tmp_path / "fine" / "new", "--out", writable=True) == tmp_path / "fine" / "new"
+
+
+def test_save_delta_checks_each_original_against_its_spec(tmp_path):
+    model = tiny_model()
+    delta, specs = make_delta(model)
+    named = dict(model.named_parameters())
+    originals = {n: named[n].detach().clone() for n in EDITED}
+    w = originals["0.weight"]
+    bad = [
+        ([w], r"originals must map every delta name, and only those, to its original tensor; got list"),
+        ({"0.weight": w}, r"originals must map every delta name, .*; got \['0.weight'\]"),
+        ({**originals, "2.weight": w}, r"originals must map every delta name, .*; got \['0.weight', '1.bias', "),
+        ({**originals, "0.weight": w.double()}, r"original of '0.weight' is \[4, 3\] torch.float64; its spec says "
+                                                r"\[4, 3\] float32"),
+        ({**originals, "0.weight": w.t()}, r"original of '0.weight' is \[3, 4\] torch.float32; its spec says "
+                                           r"\[4, 3\] float32"),
+        ({**originals, "0.weight": w.tolist()}, r"original of '0.weight' is list; its spec says \[4, 3\] float32"),
+        ({**originals, "0.weight": w + 1}, r"original of '0.weight' is not the tensor its spec describes"),
+    ]
+    for given, match in bad:
+        with pytest.raises(DeltaError, match=match):
+            save_delta(tmp_path / "bad", delta, specs, {"step": 1.0}, given)
+        assert not (tmp_path / "bad").exists()
+    path = save_delta(tmp_path / "ok", delta, specs, {"step": 1.0}, originals)
+    assert (path / ORIGINALS_FILE).is_file()
+
+
+def test_a_revert_failing_midway_puts_back_what_it_had_restored(tmp_path, monkeypatch):
+    model = tiny_model()
+    delta, _ = make_delta(model)
+    named = dict(model.named_parameters())
+    specs = {n: tensor_spec(named[n], delta[n]) for n in EDITED}  # with the result's SHA-256, for revert
+    path = save_delta(tmp_path / "d", delta, specs, {"step": 1.0}, {n: named[n].detach().clone() for n in EDITED})
+    slug_fast.apply_delta(model, path)
+    applied = {n: p.detach().clone() for n, p in model.named_parameters()}
+    real_copy, calls = torch.Tensor.copy_, []
+
+    def copy_failing_second(self, src, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second tensor's copy fails (out of memory on a device, say)
+            raise RuntimeError("copy failed")
+        return real_copy(self, src, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_failing_second)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        slug_fast.revert_delta(model, path)
+    monkeypatch.undo()
+    assert all(torch.equal(p.detach(), applied[n]) for n, p in model.named_parameters())  # the first put back
+    assert len(calls) > 2  # the rollback copied back
+    assert sorted(slug_fast.revert_delta(model, path)) == sorted(EDITED)  # and a revert still works
+    slug_fast.apply_delta(model, path)
+    (path / ORIGINALS_FILE).unlink()  # a revertible config whose originals file is gone
+    with pytest.raises(DeltaError, match="saved without its original tensors, so it cannot be reverted"):
+        slug_fast.revert_delta(model, path)
+    assert all(torch.equal(p.detach(), applied[n]) for n, p in model.named_parameters())
