@@ -676,3 +676,15 @@ def test_a_revert_failing_midway_puts_back_what_it_had_restored(tmp_path, monkey
     with pytest.raises(DeltaError, match="saved without its original tensors, so it cannot be reverted"):
         slug_fast.revert_delta(model, path)
     assert all(torch.equal(p.detach(), applied[n]) for n, p in model.named_parameters())
+
+
+def test_apply_delta_refuses_a_parameter_of_another_shape_untouched(tmp_path):
+    model = tiny_model()
+    delta, specs = make_delta(model)
+    path = save_delta(tmp_path / "d", delta, specs, {"step": 1.0})
+    other = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    with pytest.raises(DeltaError, match=r"delta for '0.weight' has shape \[4, 3\]; the model's parameter has "
+                                         r"shape \[5, 3\]"):
+        slug_fast.apply_delta(other, path, verify_base=False)
+    assert all(torch.equal(p.detach(), before[n]) for n, p in other.named_parameters())
