@@ -65,18 +65,14 @@ def mutated_lines(name: str) -> list[str]:
     return [ln[1:].strip() for ln in shown.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--survivors", action="store_true", help="list the surviving mutants")
-    ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
-    ap.add_argument("--listed", metavar="TSV", help="survivors checked by hand (see above)")
-    args = ap.parse_args()
-    listed = read_listed(args.listed) if args.listed else {}
+def tally(results: list[tuple[str, str]], listed: dict, lines_of=mutated_lines):
+    """(per-module status counts, survivors' lines, stale listed entries) of mutmut's results;
+    `lines_of(name)` gives a mutant's mutated lines (mutmut show, by default)."""
     counts = collections.defaultdict(collections.Counter)
     survivors, stale = [], []
-    results = read_results()
+    names = {n for n, _ in results}
     stale += [f"{name}: listed as {kind}, but no such mutant" for name, (kind, _, _) in listed.items()
-              if name not in {n for n, _ in results}]
+              if name not in names]
     for name, status in results:
         module = module_of(name)
         counts[module][status] += 1
@@ -85,12 +81,22 @@ def main():
                 stale.append(f"{name}: listed as {listed[name][0]}, but {status}")
             continue
         kind = listed.get(name, (None,))[0]
-        if kind is not None and listed[name][1] not in mutated_lines(name):
+        if kind is not None and listed[name][1] not in lines_of(name):
             stale.append(f"{name}: listed as {kind}, but its mutated line is not {listed[name][1]!r}")
             kind = None
         if kind:
             counts[module][f"listed {kind}"] += 1
         survivors.append(f"{name}: {status}" + (f" (listed: {kind})" if kind else ""))
+    return counts, survivors, stale
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--survivors", action="store_true", help="list the surviving mutants")
+    ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    ap.add_argument("--listed", metavar="TSV", help="survivors checked by hand (see above)")
+    args = ap.parse_args()
+    counts, survivors, stale = tally(read_results(), read_listed(args.listed) if args.listed else {})
     head = ("module", "mutants", "killed", "survived", "no tests", "not checked", "score %",
             "listed equivalent", "listed other", "score with equivalents %")
     rows, total = [], collections.Counter()
