@@ -3,6 +3,7 @@ import copy
 import json
 import os
 import random
+import re
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -688,3 +689,18 @@ def test_apply_delta_refuses_a_parameter_of_another_shape_untouched(tmp_path):
                                          r"shape \[5, 3\]"):
         slug_fast.apply_delta(other, path, verify_base=False)
     assert all(torch.equal(p.detach(), before[n]) for n, p in other.named_parameters())
+
+
+def test_load_delta_names_the_file_at_fault(tmp_path):
+    model = tiny_model()
+    delta, specs = make_delta(model)
+    path = save_delta(tmp_path / "d", delta, specs, {"step": 1.0})
+    config = json.loads((path / CONFIG_FILE).read_text())
+    (path / CONFIG_FILE).write_text(json.dumps({**config, "format": "something else"}))
+    with pytest.raises(DeltaError, match="^" + re.escape(str(path / CONFIG_FILE))):
+        load_delta(path)
+    for missing in (TENSORS_FILE, CONFIG_FILE):  # either file alone is not a delta
+        path = save_delta(tmp_path / missing, delta, specs, {"step": 1.0})
+        (path / missing).unlink()
+        with pytest.raises(DeltaError, match=f"is not a slug_fast delta: expected {TENSORS_FILE} and {CONFIG_FILE}"):
+            load_delta(path)
