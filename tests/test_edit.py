@@ -179,9 +179,9 @@ def test_bad_directions_are_refused_and_nothing_changes(gen):
     with pytest.raises(SlugError, match="at least one"):
         slug_fast.LayerEdit(model, {})
     edit = slug_fast.LayerEdit(model, {"0.weight": torch.ones(65, 33)})
-    for outside in (lambda: edit.step(1.0), edit.restore, edit.commit):
+    for outside in (lambda: edit.step(1.0), edit.restore, edit.commit, lambda: edit.__exit__(None, None, None)):
         with pytest.raises(SlugError, match=r"\(\) must be called inside its `with` block"):
-            outside()
+            outside()  # leaving a block never entered is the same misuse
     with edit:
         with pytest.raises(SlugError, match="step must be finite"):
             edit.step(float("inf"))

@@ -138,6 +138,9 @@ def test_criterion_results_are_normalised():
             with pytest.raises(SlugError, match=re.escape(f"it returned {'a Tensor of ' if 'dtype' in named else ''}"
                                                           f"{named}")):
                 criterion_result(wrapped)
+    with pytest.raises(SlugError) as err:  # a long value is quoted to 80 characters
+        criterion_result("x" * 200)
+    assert str(err.value).endswith("it returned str '" + "x" * 75)
 
 
 def test_bisection_stops_once_it_has_converged():
