@@ -447,8 +447,10 @@ def test_save_delta_under_a_file_is_a_delta_error(tmp_path):
     (lambda c: c["tensors"]["1.bias"].update(base_sha256=7), "64 lowercase hex"),
     (lambda c: c.update(version=True), "has version True"),
     (lambda c: c.update(version="1.x"), "has version '1.x'; expected a delta format version such as '1.2'"),
-    (lambda c: c.update(version="3.1"), r"version 3.1, a newer major version than this slug_fast \(.+\) reads: 1.x"),
-    (lambda c: c.update(version=0), r"version 0.0, another major version than this slug_fast \(.+\) reads: 1.x"),
+    (lambda c: c.update(version="3.1"), r"version 3.1, a newer major version than this slug_fast \(.+\) reads: 1.x, "
+                                        r"up to 1.2; upgrade slug_fast to read it$"),
+    (lambda c: c.update(version=0), r"version 0.0, another major version than this slug_fast \(.+\) reads: 1.x, "
+                                    r"up to 1.2$"),
     (lambda c: c.update(step="1.5"), "has step '1.5'; expected a number"),
     (lambda c: c.update(layers=["0.weight", 1]), "has layers .*; expected a list of names"),
     (lambda c: c.update(group=1), "has group '1'; expected true or false"),
@@ -457,8 +459,10 @@ def test_save_delta_under_a_file_is_a_delta_error(tmp_path):
     (lambda c: c.update(strategy=["best"]), r"has strategy \"\['best'\]\"; expected a string"),
     (lambda c: c.update(slug_fast_version=1), "has slug_fast_version '1'; expected a string"),
     (lambda c: c.update(tensors=[]), "'tensors' table"),
-    (lambda c: c.update(tensors={}), "lists no tensors"),
+    (lambda c: c.update(tensors={}), "delta_config.json lists no tensors$"),
     (lambda c: c.update(tensors_file_sha256=None), "tensors_file_sha256 'None'"),
+    (lambda c: c.update(originals_file_sha256="ABC"), "has originals_file_sha256 'ABC'; expected 64 lowercase hex"),
+    (lambda c: c.update(format="slug_fast.other"), "is not a slug_fast.delta config"),
     (lambda c: c["tensors"].pop("1.bias"), "do not match the config"),
 ])
 def test_load_delta_checks_every_config_entry(tmp_path, edit, match):
@@ -704,3 +708,19 @@ def test_load_delta_names_the_file_at_fault(tmp_path):
         (path / missing).unlink()
         with pytest.raises(DeltaError, match=f"is not a slug_fast delta: expected {TENSORS_FILE} and {CONFIG_FILE}"):
             load_delta(path)
+
+
+def test_delta_config_of_any_json_and_a_newer_minor_version(tmp_path):
+    from slug_fast.delta import DeltaConfig
+
+    for not_a_config in ([1, 2], "slug_fast.delta", None):
+        with pytest.raises(DeltaError, match="^the delta config is not a slug_fast.delta config"):
+            DeltaConfig.from_dict(not_a_config)
+    path = save_delta(tmp_path / "d", *make_delta(tiny_model()))
+    cfg = json.loads((path / CONFIG_FILE).read_text())
+    mine = DeltaConfig.from_dict({**cfg, "extra": "a caller's key named extra", "note": 1})
+    assert mine.extra == {"extra": "a caller's key named extra", "note": 1}  # kept, not taken for the field
+    with pytest.warns(UserWarning, match="newer than the 1.2 this slug_fast") as caught:
+        newer = DeltaConfig.from_dict({**cfg, "version": "1.9", "future": True})
+    assert caught[0].filename == __file__  # the warning points at the caller
+    assert newer.version == "1.9" and newer.extra == {"future": True}
