@@ -462,6 +462,8 @@ def test_save_delta_under_a_file_is_a_delta_error(tmp_path):
     (lambda c: c.update(tensors={}), "delta_config.json lists no tensors$"),
     (lambda c: c.update(tensors_file_sha256=None), "tensors_file_sha256 'None'"),
     (lambda c: c.update(originals_file_sha256="ABC"), "has originals_file_sha256 'ABC'; expected 64 lowercase hex"),
+    (lambda c: c.update(tensors_file_sha256="f" * 200), "has tensors_file_sha256 '" + "f" * 80 + "'; expected"),
+    (lambda c: c.update(revertible=True), "is marked revertible but records no originals_file_sha256$"),
     (lambda c: c.update(format="slug_fast.other"), "is not a slug_fast.delta config"),
     (lambda c: c["tensors"].pop("1.bias"), "do not match the config"),
 ])
