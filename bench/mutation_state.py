@@ -69,11 +69,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=("save", "restore"))
     ap.add_argument("--force", action="store_true", help="restore over verdicts already in mutants/")
+    ap.add_argument("--mutants", type=Path, default=MUTANTS, help="mutmut's folder (default: %(default)s)")
+    ap.add_argument("--state", type=Path, default=STATE, help="the archive (default: %(default)s)")
     args = ap.parse_args()
     if args.action == "save":
-        save(MUTANTS, STATE)
+        save(args.mutants, args.state)
     else:
-        restore(MUTANTS, STATE, args.force)
+        restore(args.mutants, args.state, args.force)
 
 
 if __name__ == "__main__":
