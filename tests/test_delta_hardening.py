@@ -409,7 +409,9 @@ def test_save_model_refuses_a_path_under_a_file(tmp_path):
     (lambda d, s, m: (d, {}, m), "specs have no entry for delta tensor '0.weight'"),
     (lambda d, s, m: ({}, s, m), "non-empty mapping"),
     (lambda d, s, m: ({**d, "1.bias": torch.tensor([1.0, float("nan")])}, s, m), "'1.bias' holds NaN or Inf"),
-    (lambda d, s, m: ({**d, "1.bias": torch.ones(2, dtype=torch.int64)}, s, m), "floating-point tensor"),
+    (lambda d, s, m: ({**d, "1.bias": torch.ones(2, dtype=torch.int64)}, s, m),
+     "delta for '1.bias' is torch.int64; expected a floating-point tensor"),
+    (lambda d, s, m: ({**d, "1.bias": [1.0, 2.0]}, s, m), "delta for '1.bias' is list; expected a floating-point"),
     (lambda d, s, m: ({**d, "1.bias": torch.ones(3)}, s, m), r"has shape \[3\]; its spec says \[2\]"),
     (lambda d, s, m: (d, {**s, "1.bias": "spec"}, m), "spec of '1.bias' is a str"),
     (lambda d, s, m: (d, {**s, "1.bias": {**s["1.bias"], "dtype": "float33"}}, m), "torch dtype name"),
@@ -440,11 +442,15 @@ def test_save_delta_under_a_file_is_a_delta_error(tmp_path):
 
 @pytest.mark.parametrize("edit, match", [
     (lambda c: c["tensors"].update({"0.weight": "x"}), r"tensors\['0.weight'\] is a str"),
-    (lambda c: c["tensors"]["0.weight"].update(shape=["4", 3]), "list of non-negative integers"),
+    (lambda c: c["tensors"]["0.weight"].update(shape=["4", 3]), r"has shape \['4', 3\]; expected a list of non-neg"),
     (lambda c: c["tensors"]["0.weight"].update(shape=[4, True]), "list of non-negative integers"),
-    (lambda c: c["tensors"]["0.weight"].update(dtype=["float32"]), "torch dtype name"),
+    (lambda c: c["tensors"]["0.weight"].update(dtype=["float32"]), r"has dtype \['float32'\]; expected a torch dtype"),
     (lambda c: c["tensors"]["0.weight"].pop("base_sha256"), "base_sha256 'None'"),
-    (lambda c: c["tensors"]["1.bias"].update(base_sha256=7), "64 lowercase hex"),
+    (lambda c: c["tensors"]["1.bias"].update(base_sha256=7), "has base_sha256 '7'; expected 64 lowercase hex"),
+    (lambda c: c["tensors"]["1.bias"].update(base_sha256="X" * 64), "has base_sha256 'XXXX"),
+    (lambda c: c["tensors"]["1.bias"].update(base_sha256="a" * 100), "has base_sha256 '" + "a" * 80 + "'; expected"),
+    (lambda c: c["tensors"]["1.bias"].update(result_sha256="r"), "has result_sha256 'r'; expected 64 lowercase"),
+    (lambda c: c.update(layers="L" * 100), "has layers '" + "L" * 80 + "'; expected a list of names"),
     (lambda c: c.update(version=True), "has version True"),
     (lambda c: c.update(version="1.x"), "has version '1.x'; expected a delta format version such as '1.2'"),
     (lambda c: c.update(version="3.1"), r"version 3.1, a newer major version than this slug_fast \(.+\) reads: 1.x, "
@@ -726,3 +732,12 @@ def test_delta_config_of_any_json_and_a_newer_minor_version(tmp_path):
         newer = DeltaConfig.from_dict({**cfg, "version": "1.9", "future": True})
     assert caught[0].filename == __file__  # the warning points at the caller
     assert newer.version == "1.9" and newer.extra == {"future": True}
+
+
+def test_a_parameter_with_a_zero_size_dimension_round_trips(tmp_path):
+    """An empty embedding table is a legal parameter: shape entries may be 0."""
+    empty = torch.nn.Parameter(torch.zeros(0, 3))
+    spec = tensor_spec(empty)
+    path = save_delta(tmp_path / "d", {"empty": torch.zeros(0, 3)}, {"empty": spec}, {"step": 1.0})
+    tensors, config = load_delta(path)
+    assert config["tensors"]["empty"]["shape"] == [0, 3] and tensors["empty"].shape == (0, 3)
