@@ -408,6 +408,8 @@ def test_save_model_refuses_a_path_under_a_file(tmp_path):
 @pytest.mark.parametrize("change, match", [
     (lambda d, s, m: (d, {}, m), "specs have no entry for delta tensor '0.weight'"),
     (lambda d, s, m: ({}, s, m), "non-empty mapping"),
+    (lambda d, s, m: ({**d, "": d["1.bias"]}, s, m), "delta names must be non-empty strings; got ''"),
+    (lambda d, s, m: ({**d, 3: d["1.bias"]}, s, m), "delta names must be non-empty strings; got 3"),
     (lambda d, s, m: ({**d, "1.bias": torch.tensor([1.0, float("nan")])}, s, m), "'1.bias' holds NaN or Inf"),
     (lambda d, s, m: ({**d, "1.bias": torch.ones(2, dtype=torch.int64)}, s, m),
      "delta for '1.bias' is torch.int64; expected a floating-point tensor"),
