@@ -435,7 +435,7 @@ def test_save_delta_under_a_file_is_a_delta_error(tmp_path):
     d, s = make_delta(tiny_model())
     with pytest.raises(DeltaError, match=r"FILE is a file, not a directory"):
         save_delta(tmp_path / "FILE" / "sub" / "d", d, s)
-    with pytest.raises(DeltaError, match="exists and is not a directory"):
+    with pytest.raises(DeltaError, match="^delta directory .*FILE exists and is not a directory"):
         save_delta(tmp_path / "FILE", d, s)
     assert os.listdir(tmp_path) == ["FILE"]
 
@@ -743,3 +743,16 @@ def test_a_parameter_with_a_zero_size_dimension_round_trips(tmp_path):
     path = save_delta(tmp_path / "d", {"empty": torch.zeros(0, 3)}, {"empty": spec}, {"step": 1.0})
     tensors, config = load_delta(path)
     assert config["tensors"]["empty"]["shape"] == [0, 3] and tensors["empty"].shape == (0, 3)
+
+
+def test_both_tensor_files_say_what_they_are(tmp_path):
+    """Each safetensors file's own metadata names the format, for tools that read it alone."""
+    from safetensors import safe_open
+
+    model = tiny_model()
+    delta, specs = make_delta(model)
+    named = dict(model.named_parameters())
+    path = save_delta(tmp_path / "d", delta, specs, {"step": 1.0}, {n: named[n].detach().clone() for n in EDITED})
+    for name in (TENSORS_FILE, ORIGINALS_FILE):
+        with safe_open(str(path / name), "pt") as f:
+            assert f.metadata() == {"format": "slug_fast.delta"}
