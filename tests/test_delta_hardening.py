@@ -756,3 +756,15 @@ def test_both_tensor_files_say_what_they_are(tmp_path):
     for name in (TENSORS_FILE, ORIGINALS_FILE):
         with safe_open(str(path / name), "pt") as f:
             assert f.metadata() == {"format": "slug_fast.delta"}
+
+
+def test_a_plain_delta_saved_over_a_revertible_one_takes_its_originals_away(tmp_path):
+    model = tiny_model()
+    delta, specs = make_delta(model)
+    named = dict(model.named_parameters())
+    path = save_delta(tmp_path / "d", delta, specs, {"step": 1.0}, {n: named[n].detach().clone() for n in EDITED})
+    assert (path / ORIGINALS_FILE).is_file()
+    save_delta(path, delta, specs, {"step": 2.0})
+    assert sorted(os.listdir(path)) == sorted([TENSORS_FILE, CONFIG_FILE])  # no stale original.safetensors
+    with pytest.raises(DeltaError, match="saved without its original tensors"):
+        slug_fast.revert_delta(model, path)

@@ -308,6 +308,13 @@ def test_concept_criterion_inputs_and_class_indices():
     for bad in (-1, len(NAMES)):
         with pytest.raises(SlugError, match=f"class index {bad} is out of range for {len(NAMES)} classes"):
             classifier.index(bad)
+        for labels_of in (list, torch.tensor):  # a label out of range, as a list or a tensor
+            with pytest.raises(SlugError, match=f"^label {bad} is out of range for {len(NAMES)} classes"):
+                classifier.labels(labels_of([0, bad]))
+    as_float = classifier.labels(torch.tensor([[2.0], [0.0]]))  # any tensor of whole numbers: int64, flat
+    assert as_float.dtype == torch.int64 and as_float.tolist() == [2, 0]
+    every = classifier.accuracy(images, labels, topk=(len(NAMES),))  # top-k over every class: all right
+    assert every == {f"top{len(NAMES)}": 100.0}
 
 def phi(x):
     return 0.5 * (1 + math.erf(x / math.sqrt(2)))
