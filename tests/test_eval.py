@@ -313,6 +313,7 @@ def test_concept_criterion_inputs_and_class_indices():
                 classifier.labels(labels_of([0, bad]))
     as_float = classifier.labels(torch.tensor([[2.0], [0.0]]))  # any tensor of whole numbers: int64, flat
     assert as_float.dtype == torch.int64 and as_float.tolist() == [2, 0]
+    assert classifier.labels([]).dtype == torch.int64  # int64 even with nothing to infer it from
     every = classifier.accuracy(images, labels, topk=(len(NAMES),))  # top-k over every class: all right
     assert every == {f"top{len(NAMES)}": 100.0}
 
