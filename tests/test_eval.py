@@ -1002,3 +1002,20 @@ def test_membership_inference_does_not_depend_on_the_features_units():
     for scale, shift in ((1e-6, 5e-6), (1e3, -2e3)):
         got = membership_inference(f * scale + shift, h * scale + shift, repeats=2)
         assert got.scores == pytest.approx(want.scores, abs=1e-9)
+
+
+def test_classifier_similarities_and_hits_defaults_and_precomputed_features(gen):
+    n = 130
+    labels = torch.randint(len(NAMES), (n,), generator=gen)
+    ranks = torch.randint(len(NAMES), (n,), generator=gen)
+    images = images_with_ranks(labels, ranks, gen)
+    adapter = Batches(StubClip().eval())
+    classifier = ZeroShotClassifier(adapter, NAMES, list(TEMPLATES))
+    sims = classifier.similarities(images)
+    hits = classifier.hits(labels, images=images)
+    assert adapter.image_batches == [64, 64, 2] * 2  # 64 images a batch by default, both ways
+    assert sorted(hits) == [1, 5] and torch.equal(hits[5], ranks < 5)  # top-1 and top-5 by default
+    features = encode_images(adapter, images).double()  # precomputed, in another dtype: cast to the weights'
+    got = classifier.similarities(features=features)
+    assert got.dtype == torch.float32 and torch.allclose(got, sims, atol=1e-6)
+    assert all(torch.equal(h, hits[k]) for k, h in classifier.hits(labels, features=features.half()).items())
