@@ -1019,3 +1019,13 @@ def test_classifier_similarities_and_hits_defaults_and_precomputed_features(gen)
     got = classifier.similarities(features=features)
     assert got.dtype == torch.float32 and torch.allclose(got, sims, atol=1e-6)
     assert all(torch.equal(h, hits[k]) for k, h in classifier.hits(labels, features=features.half()).items())
+
+
+def test_similarity_watch_encodes_batch_size_pairs_at_a_time(gen):
+    images, captions = torch.randn(130, DIM, generator=gen), prompts(130)
+    for kwargs, sizes in (({}, [64, 64, 2]), ({"batch_size": 50}, [50, 50, 30])):
+        adapter = Batches(StubClip())
+        watch = SimilarityWatch(adapter, list(zip(images, captions)), **kwargs)
+        assert adapter.image_batches == sizes and adapter.text_batches == sizes  # before
+        watch.finish()
+        assert adapter.image_batches == sizes * 2 and adapter.text_batches == sizes * 2  # and after
