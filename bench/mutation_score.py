@@ -77,7 +77,7 @@ def tally(results: list[tuple[str, str]], listed: dict, lines_of=mutated_lines):
         module = module_of(name)
         counts[module][status] += 1
         if status in KILLED | UNCHECKED:
-            if name in listed:
+            if name in listed and status in KILLED:  # a listed mutant not checked yet is not stale
                 stale.append(f"{name}: listed as {listed[name][0]}, but {status}")
             continue
         kind = listed.get(name, (None,))[0]

@@ -33,6 +33,7 @@ def test_score_counts_listed_equivalents_as_killed_and_reports_stale_entries(tmp
         (b + "1", "equivalent", "not this line"),  # its mutated line changed: stale, counts as nothing
         (b + "3", "equivalent", "z = 1"),  # killed now: stale
         (b + "9", "equivalent", "w = 2"),  # no such mutant: stale
+        (a + "5", "equivalent", "u = 3"),  # not checked yet: not stale
     ]))
     listed = score.read_listed(str(listed_file))
     lines = {a + "3": ["x = None"], a + "4": ["y.to(None)"], b + "1": ["the mutated line"], b + "4": ["v"]}
