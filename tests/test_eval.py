@@ -207,6 +207,59 @@ def test_class_weights_are_cached_until_the_text_tower_changes(gen):
     assert adapter.texts_encoded == 2 * prompts
 
 
+def test_class_prompts_are_tokenized_once_per_device_and_encoded_in_eval_mode(gen):
+    """The prompts never change: they are tokenized once, and again only after the model moved to
+    another device; encoding them runs every module in eval mode (dropout off)."""
+    class Counting(StubAdapter):
+        def __init__(self, model):
+            super().__init__(model)
+            self.where, self.tokenized, self.modes = torch.device("cpu"), 0, []
+
+        @property
+        def device(self):
+            return self.where
+
+        def tokens(self, texts):
+            self.tokenized += 1
+            return super().tokens(texts)
+
+        def encode_tokens(self, module, tokens):
+            self.modes.append({m.training for m in module.modules()})
+            return super().encode_tokens(module, tokens)
+
+    model = StubClip().train()
+    adapter = Counting(model)
+    classifier = ZeroShotClassifier(adapter, NAMES, list(TEMPLATES), text_batch_size=5)
+    batches = -(-len(NAMES) * len(TEMPLATES) // 5)
+    classifier.weights()
+    assert adapter.tokenized == batches and adapter.modes == [{False}] * batches
+    assert all(m.training for m in model.modules())  # the caller's mode is back
+    for moved, tokenized in ((False, batches), (True, 2 * batches)):
+        if moved:
+            adapter.where = torch.device("meta")  # what the adapter reports after model.to(...)
+        with LayerEdit(model, {"text_proj.weight": torch.randn(DIM, DIM, generator=gen)}) as edit:
+            edit.step(0.1)
+            classifier.weights()  # encoded again: the text tower changed
+            assert classifier.encodes == 2 + moved and adapter.tokenized == tokenized
+
+
+def test_class_weights_follow_a_parameter_replaced_over_the_same_memory(gen):
+    """A new parameter object over the same storage (same version counter, address and dtype) is a
+    change: the cache key holds each parameter's identity."""
+    model = StubClip()
+    model.text_proj.weight.data = torch.randn(DIM, DIM, generator=gen)
+    classifier = ZeroShotClassifier(StubAdapter(model), NAMES, list(TEMPLATES))
+    before = classifier.weights().clone()
+    old = model.text_proj.weight  # kept alive, so the new parameter cannot reuse its id
+    model.text_proj.weight = torch.nn.Parameter(old.detach().t())
+    assert model.text_proj.weight.data_ptr() == old.data_ptr()
+    expected = F.normalize(torch.stack([F.normalize(torch.stack(
+        [F.normalize(old.detach().double().t() @ text_input(t.format(c)).double(), dim=0) for t in TEMPLATES]
+    ).mean(0), dim=0) for c in NAMES]), dim=-1)
+    torch.testing.assert_close(classifier.weights().double(), expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(classifier.weights(), before, atol=1e-3)
+
+
 def test_cache_on_a_real_open_clip_model_follows_layer_edits(gen):
     model = digits.build_model(0).eval()
     adapter = get_adapter(model, tokenizer=digits.tokenizer())

@@ -1,4 +1,5 @@
 """unlearn end to end on a tiny open_clip model (the digits mini-CLIP), deltas and bad input."""
+import dataclasses
 import json
 import re
 
@@ -86,6 +87,13 @@ def test_unlearn_forgets_keeps_and_round_trips_its_delta(digits_model, digits_tr
         {"method": "slug", "layers": result.edited, "target_layers": result.layers, "tower": result.tower,
          "step": result.step, "relative_change": result.relative_change}
     assert "originals_file_sha256" not in config and not (path / "original.safetensors").exists()
+    assert {k: config[k] for k in ("strategy", "group", "cache", "max_evals", "memory_mode")} == dict(
+        strategy=result.config.strategy, group=result.config.group, cache=result.config.cache,
+        max_evals=result.config.max_evals, memory_mode=result.memory.mode)
+    bare = dataclasses.replace(result, memory=None, config=None)  # a result without the run's settings
+    assert bare.to_dict()["memory"] is None
+    _, bare_config = load_delta(bare.save(tmp_path / "bare"))
+    assert not {"strategy", "group", "cache", "max_evals", "memory_mode"} & set(bare_config)
     fresh = digits.build_model(0)
     fresh.load_state_dict(digits_trained[0])
     assert slug_fast.apply_delta(fresh, path) == result.layers
