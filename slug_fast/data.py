@@ -19,6 +19,10 @@ Formats:
   `filename<TAB>caption` is taken as a header and skipped.
 - In-memory lists of (image, caption) (`pairs_from`), images as PIL images or
   (C, H, W) tensors already preprocessed.
+
+Labelled images for zero-shot utility (`read_labelled_folder`): an ImageNet-val-style
+folder with one subfolder of images per class. They are decoded when used, not when
+read, so a folder of any size never sits in memory.
 """
 from __future__ import annotations
 
@@ -288,6 +292,129 @@ def read_image_folder(folder: str | os.PathLike, captions: str | os.PathLike = C
         if limit is not None and len(items) >= limit:
             break
     return _finish(items, skipped, str(table), "list images as 'relative/path.jpg<TAB>caption', one per line")
+
+
+# ---------------------------------------------------------------- labelled folder
+
+class FolderImages(Sequence):
+    """Images decoded from their files on access (a slice gives a list of PIL images)."""
+
+    def __init__(self, paths: Sequence[Path], mode: str = "RGB"):
+        self.paths, self.mode = list(paths), mode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._load(p) for p in self.paths[index]]
+        return self._load(self.paths[index])
+
+    def _load(self, path: Path) -> Image.Image:
+        try:
+            return decode_image(path, self.mode)
+        except _DECODE_ERRORS as err:  # its header read when listed; the rest is damaged
+            raise SlugError(f"image {path} does not decode ({err}); replace it or remove it from the folder") from None
+
+    def __repr__(self) -> str:
+        return f"FolderImages({len(self)} files)"
+
+
+class LabelledImages(NamedTuple):
+    """Images with the index of their class in `class_names`; `skipped` are files left out."""
+
+    images: FolderImages
+    labels: list[int]
+    class_names: list[str]
+    skipped: list[Skipped]
+
+
+def read_class_map(path: str | os.PathLike) -> dict[str, str]:
+    """folder -> class name from a UTF-8 file of `folder<TAB>name` lines, or `folder name` (split at
+    the first space, as in ImageNet's LOC_synset_mapping.txt); blank lines and # comments ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlugError(f"class map {path} not found; write one line per class folder: 'folder<TAB>class name'")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SlugError(f"class map {path} is not UTF-8 text ({err}); save it as UTF-8") from None
+    mapping: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        folder, _, name = line.strip().partition("\t") if "\t" in line else line.strip().partition(" ")
+        folder, name = folder.strip(), name.strip()
+        if not name:
+            raise SlugError(f"{path}:{number}: expected 'folder<TAB>class name', got {line[:80]!r}")
+        if mapping.setdefault(folder, name) != name:
+            raise SlugError(f"{path}:{number}: folder {folder!r} is mapped twice ({mapping[folder]!r} and {name!r})")
+    if not mapping:
+        raise SlugError(f"class map {path} maps no folder; write one line per class folder: 'folder<TAB>class name'")
+    return mapping
+
+
+def read_labelled_folder(root: str | os.PathLike,
+                         class_names: Mapping[str, str] | Sequence[str] | str | os.PathLike | None = None,
+                         per_class: int | None = None, mode: str = "RGB") -> LabelledImages:
+    """Images labelled by the subfolder they are in (`root/<class folder>/**/<image>`), classes in
+    the folders' sorted order. A class's name is its folder's name, unless `class_names` gives
+    them: a mapping folder -> name (e.g. WordNet id -> name), a file of such lines (see
+    `read_class_map`), or a sequence of names, one per folder in sorted order (ImageNet's 1000
+    names for its 1000 sorted WordNet-id folders). `per_class` keeps the first n images (sorted
+    by path) of each class folder. Folders given the same name are one class. Files whose header
+    is not an image's are skipped and recorded; a class folder without images stays a class
+    (zero-shot chooses among all of them)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SlugError(f"labelled folder {root} is not a directory")
+    if per_class is not None and per_class < 1:
+        raise SlugError(f"per_class must be at least 1 (or None for all), got {per_class}")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise SlugError(f"labelled folder {root} has no subfolder; put each class's images in a subfolder "
+                        "named after it (root/<class>/<image>.jpg), as ImageNet's validation set is laid out")
+    if isinstance(class_names, (str, os.PathLike)):
+        class_names = read_class_map(class_names)
+    if class_names is None:
+        names = [f.name for f in folders]
+    elif isinstance(class_names, Mapping):
+        unmapped = [f.name for f in folders if f.name not in class_names]
+        if unmapped:
+            raise SlugError(f"the class map names no class for folder(s) {unmapped[:3]} of {root} "
+                            f"({len(unmapped)} of {len(folders)}); map every class folder to its name")
+        names = [str(class_names[f.name]) for f in folders]
+    else:
+        names = [str(n) for n in class_names]
+        if len(names) != len(folders):
+            raise SlugError(f"{len(names)} class names for the {len(folders)} class folders of {root}; give one "
+                            "name per folder, in the folders' sorted order")
+    unique = list(dict.fromkeys(names))  # folders given one name are one class (ImageNet's two cranes)
+    paths: list[Path] = []
+    labels: list[int] = []
+    skipped: list[Skipped] = []
+    for name, folder in zip(names, folders):
+        label = unique.index(name)
+        files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+        kept = 0
+        for file in files:
+            if per_class is not None and kept >= per_class:
+                break
+            try:
+                with Image.open(file):  # the header only: the pixels are decoded when used
+                    pass
+            except _DECODE_ERRORS as err:
+                skipped.append(Skipped(str(file.relative_to(root)), "undecodable", f"not an image ({err})"))
+                continue
+            paths.append(file)
+            labels.append(label)
+            kept += 1
+    if not paths:
+        raise SlugError(f"labelled folder {root} holds no image in its {len(folders)} class folder(s)"
+                        + (f" ({len(skipped)} files are not images)" if skipped else ""))
+    if skipped:
+        log.warning("%s: skipped %d files that are not images", root, len(skipped))
+    return LabelledImages(FolderImages(paths, mode), labels, unique, skipped)
 
 
 # ---------------------------------------------------------------- in memory

@@ -485,3 +485,107 @@ def test_shard_defaults_to_torch_distributed(gloo_world, monkeypatch):
     monkeypatch.setattr(gloo_world, "get_world_size", lambda group=None: 3)
     assert shard(range(7)) == [4, 5, 6]
     assert shard(range(7), 0, 2) == [0, 1, 2]  # given ranks win
+
+
+def write_labelled_folder(root, rng, layout):
+    """root/<class>/<file> from {class: [file names]}; image files hold random PNG or JPEG pixels."""
+    written = {}
+    for folder, files in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            path = root / folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if name.lower().endswith((".png", ".jpeg", ".jpg")):
+                image = random_image(rng)
+                path.write_bytes(encoded(image, "PNG" if name.lower().endswith(".png") else "JPEG"))
+                written[f"{folder}/{name}"] = decode_image(path)
+            else:
+                path.write_text("not an image")
+    return written
+
+
+def test_labelled_folder_labels_images_by_their_sorted_class_folder(tmp_path, rng):
+    written = write_labelled_folder(tmp_path, rng, {
+        "n02": ["b.png", "a.JPEG", "deeper/c.png", "notes.txt", ".hidden.png"],
+        "n01": ["z.jpg"],
+        "n03_empty": [],
+        ".cache": ["x.png"],  # hidden folders are not classes
+    })
+    (tmp_path / "stray.png").write_bytes((tmp_path / "n01" / "z.jpg").read_bytes())  # not in a class folder
+    got = slug_fast.data.read_labelled_folder(tmp_path)
+    assert got.class_names == ["n01", "n02", "n03_empty"]
+    order = ["n01/z.jpg", "n02/a.JPEG", "n02/b.png", "n02/deeper/c.png"]  # classes, then paths, sorted
+    assert [p.relative_to(tmp_path).as_posix() for p in got.images.paths] == order
+    assert got.labels == [0, 1, 1, 1]
+    assert [(s.key, s.kind) for s in got.skipped] == [("n02/notes.txt", "undecodable")]
+    images = got.images[1:3]  # a slice decodes a list
+    assert isinstance(images, list) and len(got.images) == 4
+    for name, image in zip(order[1:3], images):
+        assert np.array_equal(np.asarray(image), np.asarray(written[name]))
+    assert np.array_equal(np.asarray(got.images[0]), np.asarray(written["n01/z.jpg"]))
+
+    first = slug_fast.data.read_labelled_folder(tmp_path, per_class=1)
+    assert [p.name for p in first.images.paths] == ["z.jpg", "a.JPEG"] and first.labels == [0, 1]
+
+
+def test_labelled_folder_class_names_from_a_map_a_file_or_a_list(tmp_path, rng):
+    root = tmp_path / "val"
+    write_labelled_folder(root, rng, {"n01440764": ["a.png"], "n01443537": ["b.png", "c.png"]})
+    expected = ["tench", "goldfish, Carassius auratus"]
+    read = slug_fast.data.read_labelled_folder
+    assert read(root, {"n01443537": expected[1], "n01440764": "tench", "n99": "unused"}).class_names == expected
+    assert read(root, expected).class_names == expected  # one name per sorted folder
+    tabbed = tmp_path / "map.tsv"
+    tabbed.write_text("# wnid<TAB>name\n\nn01440764\ttench\nn01443537\tgoldfish, Carassius auratus\n")
+    spaced = tmp_path / "LOC_synset_mapping.txt"
+    spaced.write_text("n01440764 tench\nn01443537 goldfish, Carassius auratus\n")
+    for path in (tabbed, spaced, str(spaced)):
+        got = read(root, path)
+        assert got.class_names == expected and got.labels == [0, 1, 1]
+    assert slug_fast.data.read_class_map(tabbed) == dict(zip(["n01440764", "n01443537"], expected))
+
+
+def test_labelled_folder_errors(tmp_path, rng):
+    read = slug_fast.data.read_labelled_folder
+    root = tmp_path / "val"
+    with pytest.raises(SlugError, match="is not a directory"):
+        read(root)
+    root.mkdir()
+    (root / "loose.png").write_bytes(encoded(random_image(rng), "PNG"))
+    with pytest.raises(SlugError, match="has no subfolder; put each class's images in a subfolder"):
+        read(root)
+    write_labelled_folder(root, rng, {"cat": ["readme.txt"], "dog": []})
+    with pytest.raises(SlugError, match=r"holds no image in its 2 class folder\(s\) \(1 files are not images\)"):
+        read(root)
+    write_labelled_folder(root, rng, {"cat": ["a.png"], "dog": ["b.png"]})
+    with pytest.raises(SlugError, match="per_class must be at least 1"):
+        read(root, per_class=0)
+    with pytest.raises(SlugError, match=r"3 class names for the 2 class folders"):
+        read(root, ["a", "b", "c"])
+    with pytest.raises(SlugError, match=r"the class map names no class for folder\(s\) \['dog'\].*\(1 of 2\)"):
+        read(root, {"cat": "tabby"})
+    merged = read(root, {"cat": "pet", "dog": "pet"})  # one name, one class (ImageNet names two folders crane)
+    assert merged.class_names == ["pet"] and merged.labels == [0, 0]
+    bad_maps = {"missing.tsv": None, "empty.tsv": "# nothing\n\n", "twice.tsv": "cat\ttabby\ncat\tkitten\n",
+                "noname.tsv": "cat\ttabby\ndog\n", "latin1.tsv": "cat\ttabby\n".encode() + b"dog\tc\xe9\n"}
+    messages = {"missing.tsv": "not found", "empty.tsv": "maps no folder", "twice.tsv": ":2: folder 'cat' is mapped twice",
+                "noname.tsv": ":2: expected 'folder<TAB>class name'", "latin1.tsv": "is not UTF-8 text"}
+    for name, content in bad_maps.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content)
+        with pytest.raises(SlugError, match=re.escape(messages[name])):
+            read(root, path)
+
+
+def test_labelled_folder_image_damaged_past_its_header_is_named_when_used(tmp_path, rng):
+    write_labelled_folder(tmp_path, rng, {"cat": ["a.jpg"]})
+    whole = encoded(random_image(rng, (200, 200)), "JPEG")  # the header is a small part of it
+    (tmp_path / "cat" / "b.jpg").write_bytes(whole[:len(whole) // 2])  # the header reads, the pixels do not
+    got = slug_fast.data.read_labelled_folder(tmp_path)
+    assert len(got.images) == 2 and not got.skipped
+    got.images[0]
+    with pytest.raises(SlugError, match=r"image .*b\.jpg does not decode .*replace it or remove it"):
+        got.images[0:2]
