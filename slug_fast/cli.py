@@ -83,6 +83,38 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
     un.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    ev = sub.add_parser("eval", help="score a model (a delta applied, if given) on the paper's Table 1 metrics",
+                        description="Score a CLIP model, with --delta applied if given (from `slug-fast unlearn` "
+                        "or any tool that writes one), the way `slug-fast unlearn` and `compare` score theirs: the "
+                        "concept's zero-shot top-1/top-k accuracy among --class-names and the other classes' on "
+                        "--eval-data, zero-shot top-1 on a labelled --utility-data folder, and membership "
+                        "inference given the pairs trained on. Writes eval.json to --out; prints it as JSON.")
+    _model_args(ev)
+    ev.add_argument("--delta", metavar="DIR", help="a delta directory to apply before scoring")
+    ev.add_argument("--no-verify-base", action="store_true",
+                    help="apply --delta even if the model's tensors are not the ones it was computed on")
+    ev.add_argument("--concept", required=True, help="the concept forgotten, as captions spell it")
+    ev.add_argument("--alias", action="append", default=[], help="another spelling of the concept (repeatable)")
+    ev.add_argument("--class-names", required=True, metavar="NAMES",
+                    help="zero-shot classes, 'a,b,c' or @file (one per line); the concept added if missing")
+    ev.add_argument("--eval-data", required=True, metavar="SRC", help="held-out captioned images (shards or an "
+                    "image folder with captions.tsv); a caption naming one class labels its image")
+    ev.add_argument("--data", metavar="SRC", help="the pairs unlearned on, split by the concept, for membership "
+                    "inference (or --forget-data)")
+    ev.add_argument("--forget-data", metavar="SRC", help="the concept's pairs unlearned on, for membership inference")
+    ev.add_argument("--utility-data", metavar="DIR", help="a labelled folder for zero-shot utility, one subfolder "
+                    "of images per class (ImageNet's validation layout)")
+    ev.add_argument("--utility-classes", metavar="NAMES", help="the utility folders' class names: 'imagenet' "
+                    "(open_clip's names for ImageNet's sorted WordNet-id folders), @file ('folder<TAB>name' lines) "
+                    "or 'a,b,c' in sorted folder order (default: the folder names)")
+    ev.add_argument("--utility-templates", metavar="@FILE", help="zero-shot templates for utility, one a line with "
+                    "'{}' for the class name (default: CLIP's ImageNet ensemble)")
+    ev.add_argument("--utility-per-class", type=_positive_int, metavar="N",
+                    help="score at most N images of each utility class")
+    ev.add_argument("--top-k", type=_positive_int, default=5, help="also report top-k accuracy (default 5)")
+    ev.add_argument("--limit", type=_positive_int, help="read at most this many pairs from each source")
+    ev.add_argument("--out", required=True, metavar="DIR", help="directory for eval.json (created if missing)")
+
     ap = sub.add_parser("apply", help="apply a saved delta to a model and save the edited model",
                         description="Apply a delta written by `slug-fast unlearn` (or result.save) to a model "
                         "and save it to --out: open_clip as open_clip_config.json + safetensors (load it with "
@@ -264,6 +296,21 @@ def _run(argv: list[str] | None) -> int:
                               batch_size=args.batch_size, limit=args.limit, device=args.device,
                               memory_budget=args.memory_budget, checkpointing=args.checkpointing,
                               progress=False if args.quiet else None, ranks=ranks)
+            if ranks is not None:
+                import torch.distributed as dist
+
+                # no rank leaves the group while rank 0 still writes: a gloo rank that tears its
+                # group down first can abort at exit ("terminate called without an active exception")
+                dist.barrier()
+        elif args.command == "eval":
+            from .job import run_eval
+            out = run_eval(args.model, args.concept, args.out, pretrained=args.pretrained, delta=args.delta,
+                           verify_base=not args.no_verify_base, class_names=args.class_names,
+                           eval_data=args.eval_data, data=args.data, forget_data=args.forget_data,
+                           aliases=tuple(args.alias), utility_data=args.utility_data,
+                           utility_classes=args.utility_classes, utility_templates=args.utility_templates,
+                           utility_per_class=args.utility_per_class, k=args.top_k, limit=args.limit,
+                           device=args.device)
         elif args.command == "compare":
             from .compare import run_compare
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -1,4 +1,4 @@
-"""The command-line jobs on real models and data: `slug-fast unlearn`, `apply` and `revert`."""
+"""The command-line jobs on real models and data: `slug-fast unlearn`, `eval`, `apply` and `revert`."""
 from __future__ import annotations
 
 import time
@@ -338,6 +338,108 @@ def _eval_set(forgets: Mapping[str, Sequence], retain_pairs: Sequence, names: Se
     images = [im for pairs in forgets.values() for im, _ in pairs] + others.images
     labels = [names.index(c) for c, pairs in forgets.items() for _ in pairs] + others.labels
     return images, labels
+
+
+def utility_set(folder: str, classes: str | None = None, per_class: int | None = None):
+    """The labelled images of `folder` (slug_fast.data.read_labelled_folder) with their class
+    names: the folder names (None), "imagenet" (open_clip's names of ImageNet's 1000 classes,
+    for its sorted WordNet-id folders), "@file" (a map: "folder<TAB>name" lines) or "a,b,c"
+    (one name per folder, in sorted order)."""
+    from .data import read_labelled_folder
+
+    if classes is None:
+        names = None
+    elif classes == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+        names = list(IMAGENET_CLASSNAMES)
+    elif classes.startswith("@"):
+        names = classes[1:]
+    else:
+        names = [n.strip() for n in classes.split(",") if n.strip()]
+    return read_labelled_folder(folder, names, per_class=per_class)
+
+
+def template_list(templates: str | None, default: Sequence[str]) -> list[str]:
+    """Zero-shot templates from "@file" (one a line, "{}" where the class name goes), else `default`."""
+    if templates is None:
+        return list(default)
+    if not templates.startswith("@"):
+        raise SlugError(f"--utility-templates takes @file (one template a line, with '{{}}' for the class name), "
+                        f"got {templates!r}")
+    lines = [line.strip() for line in _file_lines(templates, "--utility-templates", "one template per line")]
+    found = [line for line in lines if line and not line.startswith("#")]
+    bad = [t for t in found if "{}" not in t]
+    if not found or bad:
+        raise SlugError(f"--utility-templates file {templates[1:]}: every template needs a '{{}}' where the class "
+                        f"name goes, e.g. 'a photo of a {{}}.'; got {bad[:3] or 'no templates'}")
+    return found
+
+
+def run_eval(model: str, concept: str, out: str | Path, *, pretrained: str | None = None, delta: str | None = None,
+             verify_base: bool = True, class_names: str | None = None, eval_data: str | None = None,
+             data: str | None = None, forget_data: str | None = None, aliases: tuple[str, ...] = (),
+             utility_data: str | None = None, utility_classes: str | None = None,
+             utility_templates: str | None = None, utility_per_class: int | None = None, k: int = 5,
+             limit: int | None = None, device: str = "cpu") -> dict:
+    """Score one model (with `delta` applied, if given) on the paper's Table 1 metrics
+    (slug_fast.eval.table_scores) and write eval.json to `out`.
+
+    The concept's and the other classes' accuracy are judged on `eval_data` (captions
+    naming one of `class_names` label the images), as `run_unlearn` judges them: with the
+    same data, the scores of its delta equal its report's after-numbers. Membership
+    inference needs the pairs trained on: `data` (the pairs whose caption mentions the
+    concept) or `forget_data`, against the `eval_data` pairs that mention it. Utility is
+    zero-shot top-1 on the labelled folder `utility_data` (see `utility_set`).
+    """
+    from .eval.benchmark import table_scores
+    from .eval.zero_shot import OBJECT_TEMPLATES
+    from .files import write_json_atomic
+
+    t0 = time.perf_counter()
+    out = check_out_dir(out)
+    names = _class_list(class_names, [concept])
+    if eval_data is None:
+        raise SlugError("--eval-data is required: held-out captioned images, each caption naming one of the "
+                        "class names")
+    if data is not None and forget_data is not None:
+        raise SlugError("give the pairs trained on as --data (split by the concept) or --forget-data, not both")
+    if utility_data is None and (utility_classes is not None or utility_templates is not None
+                                 or utility_per_class is not None):
+        raise SlugError("--utility-classes, --utility-templates and --utility-per-class describe --utility-data; "
+                        "give the labelled folder too")
+    templates = template_list(utility_templates, OBJECT_TEMPLATES)
+    if delta is not None:
+        load_delta(delta)  # refuse a bad delta before loading anything big
+    eval_pairs = read_source(eval_data, limit)
+    labelled = label_by_class(eval_pairs, names)
+    mentions = concept_pattern([concept, *aliases])
+    held_out = [pair for pair in eval_pairs if mentions.search(pair[1])]
+    if data is not None:
+        forget_pairs = split_by_concept(read_source(data, limit), [concept, *aliases]).forget
+    else:
+        forget_pairs = read_source(forget_data, limit) if forget_data is not None else None
+    utility = utility_set(utility_data, utility_classes, utility_per_class) if utility_data is not None else None
+    adapter = load_model(model, pretrained, device)
+    changed = apply_delta(adapter.model, delta, verify_base=verify_base) if delta is not None else []
+    t_load = time.perf_counter() - t0
+    scores = table_scores(adapter, labelled.images, labelled.labels, names, concept, k=k, utility=utility,
+                          utility_templates=templates, forget_pairs=forget_pairs,
+                          held_out_pairs=held_out if forget_pairs is not None else None)
+    report = {
+        "concept": concept,
+        "model": _model_info(model, pretrained, adapter),
+        "delta": {"path": str(delta), "changed": changed} if delta is not None else None,
+        "scores": scores,
+        "data": {"eval_images": len(labelled.images), "held_out_pairs": len(held_out),
+                 "forget_pairs": len(forget_pairs) if forget_pairs is not None else None,
+                 "utility_images": len(utility.images) if utility is not None else None,
+                 "utility_classes": len(utility.class_names) if utility is not None else None},
+        "seconds": {"load": round(t_load, 4), "total": round(time.perf_counter() - t0, 4)},
+    }
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails leaves no trace
+    report["files"] = {"report": str(out / "eval.json")}
+    write_json_atomic(out / "eval.json", report)
+    return report
 
 
 def run_apply(model: str, delta: str, out: str | Path, *, pretrained: str | None = None,

@@ -13,8 +13,10 @@ import tarfile
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import slug_fast
 from slug_fast import digits
 
 CLASSES = ",".join(digits.DIGIT_NAMES)
@@ -44,7 +46,14 @@ def saved(tmp_path_factory, digits_trained):
     gen = torch.Generator().manual_seed(0)
     train = write_shard(root / "train.tar", data.train_images[:600], data.train_labels[:600], data, gen)
     test = write_shard(root / "test.tar", data.test_images, data.test_labels, data, gen)
-    return {"root": root, "model": model_dir, "train": train, "test": test}
+    labelled = root / "labelled"  # ImageNet-val style: one folder of PNGs per class
+    for i, (image, label) in enumerate(zip(data.test_images, data.test_labels.tolist())):
+        folder = labelled / digits.DIGIT_NAMES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        digits.to_pil(image, data).save(folder / f"{i:04d}.png")
+    (root / "templates.txt").write_text("\n".join(digits.TEMPLATES) + "\n")
+    return {"root": root, "model": model_dir, "train": train, "test": test, "labelled": labelled,
+            "templates": root / "templates.txt"}
 
 
 def run(*args):
@@ -53,7 +62,7 @@ def run(*args):
                           timeout=600, env=env)
 
 
-def test_unlearn_then_apply_round_trip(saved, tmp_path):
+def test_unlearn_then_eval_and_apply_round_trip(saved, tmp_path, digits_trained):
     out = tmp_path / "run"
     res = run("unlearn", "--model", saved["model"], "--data", saved["train"], "--eval-data", saved["test"],
               "--concept", "seven", "--class-names", CLASSES, "--out", out, "--quiet", "--memory-budget", "2GB",
@@ -71,6 +80,37 @@ def test_unlearn_then_apply_round_trip(saved, tmp_path):
     written = sorted(p.name for p in out.iterdir())
     assert written == ["delta", "pareto_text.png", "pareto_vision.png", "report.json", "report.md",
                        "similarity.png"]
+
+    # eval scores the model as the report did: before without the delta, after with it, exactly
+    scored = {}
+    for when, delta in (("before", []), ("after", ["--delta", out / "delta"])):
+        res = run("eval", "--model", saved["model"], *delta, "--data", saved["train"], "--eval-data", saved["test"],
+                  "--concept", "seven", "--class-names", CLASSES, "--utility-data", saved["labelled"],
+                  "--utility-templates", f"@{saved['templates']}", "--out", tmp_path / f"eval_{when}")
+        assert res.returncode == 0, res.stderr
+        scored[when] = json.loads(res.stdout)
+        assert scored[when] == json.loads((tmp_path / f"eval_{when}" / "eval.json").read_text())
+        scores = scored[when]["scores"]
+        for j in (1, 5):
+            assert scores[f"forget_top{j}"] == report["forget"][f"top{j}_{when}"]
+            assert scores[f"others_top{j}"] == report["retain"][f"top{j}_{when}"]
+        assert scores["mia"] == report["mia"][f"loss_{when}"]
+        assert scores["mia_distance"] == report["mia"][f"distance_{when}"]
+    assert scored["after"]["delta"]["changed"] == report["layer"] and scored["before"]["delta"] is None
+    assert scored["after"]["data"]["utility_images"] == len(digits_trained[1].test_labels)
+    assert scored["after"]["data"]["utility_classes"] == 10
+    # utility: zero-shot top-1 on the labelled folder, brute force through open_clip and the digits' own scorer
+    import open_clip
+    paths = sorted(saved["labelled"].glob("*/*.png"))
+    labels = torch.tensor([digits.DIGIT_NAMES.index(p.parent.name) for p in paths])
+    for when in ("before", "after"):
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{saved['model']}")
+        if when == "after":
+            slug_fast.apply_delta(model, out / "delta")
+        pixels = torch.stack([preprocess(Image.open(p)) for p in paths])
+        expected = digits.zero_shot_accuracy(model.eval(), pixels, labels, 1)
+        # the digits scorer averages in float32; one image is 100/270 points, so 1e-4 pins the count
+        assert scored[when]["scores"]["utility_top1"] == pytest.approx(expected, abs=1e-4)
 
     applied = tmp_path / "applied"
     res = run("apply", "--model", saved["model"], "--delta", out / "delta", "--out", applied)
@@ -105,6 +145,29 @@ def test_unlearn_bad_input_exits_2_and_writes_nothing(saved, tmp_path, args, mes
     res = run("unlearn", *argv, "--quiet")
     assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert [p.name for p in out.iterdir()] == ["report.json"] and (out / "report.json").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eval-data", None], "the following arguments are required: --eval-data"),
+    (["--utility-classes", "imagenet"], "describe --utility-data; give the labelled folder too"),
+    (["--utility-data", "{labelled}", "--utility-templates", "templates.txt"], "--utility-templates takes @file"),
+    (["--utility-data", "{model}"], "has no subfolder; put each class's images in a subfolder"),
+    (["--utility-data", "{labelled}", "--utility-classes", "a,b"], "2 class names for the 10 class folders"),
+    (["--delta", "{root}"], "is not a slug_fast delta"),
+    (["--data", "{train}", "--forget-data", "{train}"], "--data (split by the concept) or --forget-data, not both"),
+    (["--concept", "eleven"], "no image is labelled 'eleven'"),
+])
+def test_eval_bad_input_exits_2_and_writes_nothing(saved, tmp_path, args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval.json").write_text("keep me")
+    base = {"--model": saved["model"], "--eval-data": saved["test"], "--concept": "seven", "--class-names": CLASSES,
+            "--out": out}
+    given = {k: v if v is None else v.format(**saved) for k, v in zip(args[::2], args[1::2])}
+    argv = [str(x) for k, v in {**base, **given}.items() if v is not None for x in (k, v)]
+    res = run("eval", *argv)
+    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert [p.name for p in out.iterdir()] == ["eval.json"] and (out / "eval.json").read_text() == "keep me"
 
 
 def test_apply_refuses_a_corrupt_delta(saved, tmp_path):

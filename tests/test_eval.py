@@ -16,7 +16,8 @@ from slug_fast.errors import SlugError
 from slug_fast.eval import (SimilarityWatch, ZeroShotClassifier, clip_membership_inference, clip_sample_scores,
                             concept_accuracy, concept_criterion, encode_images, encode_texts, generate_and_score,
                             membership_inference, plot_similarity, similarity_change, similarity_figure,
-                            similarity_matrix, zero_shot_accuracy)
+                            similarity_matrix, table_scores, zero_shot_accuracy)
+from slug_fast.data import LabelledImages
 
 NAMES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
 # Two templates whose embeddings differ in norm (2x and 1x) and lean opposite ways on an extra axis:
@@ -1082,3 +1083,43 @@ def test_similarity_watch_encodes_batch_size_pairs_at_a_time(gen):
         assert adapter.image_batches == sizes and adapter.text_batches == sizes  # before
         watch.finish()
         assert adapter.image_batches == sizes * 2 and adapter.text_batches == sizes * 2  # and after
+
+
+def test_table_scores_are_the_criterion_metrics_utility_and_mia(gen):
+    """slug-fast eval's scores: the concept criterion's metrics on the same images, zero-shot top-1
+    on the utility set, and both membership-inference accuracies (known answers from the ranks)."""
+    n, concept = 240, 2
+    labels = torch.randint(len(NAMES), (n,), generator=gen)
+    labels[:30] = concept
+    ranks = torch.randint(len(NAMES), (n,), generator=gen)
+    images = images_with_ranks(labels, ranks, gen)
+    u_labels, u_ranks = torch.randint(len(NAMES), (90,), generator=gen), torch.randint(3, (90,), generator=gen)
+    utility = LabelledImages(list(images_with_ranks(u_labels, u_ranks, gen)), u_labels.tolist(), list(NAMES), [])
+    adapter = StubAdapter(StubClip())
+    pairs = [(torch.eye(DIM)[i % len(NAMES)] + 0.1 * torch.randn(DIM, generator=gen),
+              f"a photo of {NAMES[concept]}.") for i in range(20)]
+    scores = table_scores(adapter, images, labels, NAMES, NAMES[concept], k=3, templates=list(TEMPLATES),
+                          utility=utility, utility_templates=list(TEMPLATES), forget_pairs=pairs[:10],
+                          held_out_pairs=pairs[10:])
+    mine = labels == concept
+    others = [100 * (ranks[labels == c] < 1).double().mean().item() for c in range(len(NAMES))
+              if c != concept and (labels == c).any()]
+    assert scores["forget_top1"] == pytest.approx(100 * (ranks[mine] < 1).double().mean().item())
+    assert scores["forget_top3"] == pytest.approx(100 * (ranks[mine] < 3).double().mean().item())
+    assert scores["others_top1"] == pytest.approx(sum(others) / len(others))
+    assert scores["n_forget"] == int(mine.sum()) and scores["n_others"] == n - int(mine.sum())
+    assert scores["utility_top1"] == pytest.approx(100 * (u_ranks == 0).double().mean().item())
+    mia = clip_membership_inference(adapter, pairs[:10], pairs[10:])
+    assert scores["mia"] == mia["loss"].mean and scores["mia_distance"] == mia["distance"].mean
+    assert "utility" not in scores
+    _, metrics = concept_criterion(adapter, images, labels, NAMES, NAMES[concept], list(TEMPLATES), k=3)(adapter.model)
+    assert {k: v for k, v in scores.items() if k in metrics} == {k: v for k, v in metrics.items() if k != "utility"}
+
+    bare = table_scores(adapter, images, labels, NAMES, NAMES[concept], templates=list(TEMPLATES))
+    assert bare["utility_top1"] is None and bare["mia"] is None and bare["mia_distance"] is None
+    assert set(bare) == {"forget_top1", "forget_top5", "others_top1", "others_top5", "n_forget", "n_others",
+                         "utility_top1", "mia", "mia_distance"}
+    with pytest.raises(SlugError, match="needs both the forget pairs .* and held-out pairs"):
+        table_scores(adapter, images, labels, NAMES, NAMES[concept], templates=list(TEMPLATES), forget_pairs=pairs)
+    with pytest.raises(SlugError, match="needs a CLIP-family adapter"):
+        table_scores(digits.build_model(0), images, labels, NAMES, NAMES[concept])

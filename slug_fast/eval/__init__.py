@@ -6,8 +6,10 @@
 - similarity: image-text cosine matrix, before/after numbers, a PNG plot.
 - generation: text-to-image pipelines, their images classified zero-shot (Stable Diffusion).
 - answers: a LLaVA model's greedy answers and how often they name the expected answer.
+- benchmark: the paper's Table 1 columns for one model (what `slug-fast eval` reports).
 """
 from .answers import answer_rate, generate_answers, mentions
+from .benchmark import table_scores
 from .generation import generate_and_score
 from .mia import MIAResult, SampleScores, clip_membership_inference, clip_sample_scores, membership_inference
 from .similarity import SimilarityWatch, plot_similarity, similarity_change, similarity_figure, similarity_matrix
@@ -18,5 +20,6 @@ __all__ = [
     "IDENTITY_TEMPLATES", "MIAResult", "OBJECT_TEMPLATES", "SampleScores", "SimilarityWatch", "TowerCache", "ZeroShotClassifier",
     "answer_rate", "clip_membership_inference", "clip_sample_scores", "concept_accuracy", "concept_criterion",
     "encode_images", "encode_texts", "generate_and_score", "generate_answers", "membership_inference", "mentions",
-    "plot_similarity", "similarity_change", "similarity_figure", "similarity_matrix", "zero_shot_accuracy",
+    "plot_similarity", "similarity_change", "similarity_figure", "similarity_matrix", "table_scores",
+    "zero_shot_accuracy",
 ]
