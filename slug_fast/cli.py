@@ -132,12 +132,35 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(rv)
     rv.add_argument("--delta", required=True, metavar="DIR", help="the delta directory")
     rv.add_argument("--out", required=True, metavar="DIR", help="where to save the restored model")
-    cmp_ = sub.add_parser("compare", help="SLUG vs FT/GA/GAFT/SalUn/SSD and the authors' way on the demo task",
+    cmp_ = sub.add_parser("compare", help="SLUG vs FT/GA/GAFT/SalUn/SSD and the authors' way, on the demo task "
+                          "or your CLIP model and data",
                           description="Run SLUG, slug-authors and the baselines (each over its grid, early "
-                          "stopped) on the demo task, each in a fresh process; print the rows as JSON and, with "
-                          "--out, write compare.json, compare.md (every setting tried) and compare.png.")
-    cmp_.add_argument("--forget", default=DEFAULT_CONCEPT, metavar="DIGIT", help="digit to forget (default: "
-                      f"{DEFAULT_CONCEPT})")
+                          "stopped) on the demo task or, with --model, on your CLIP model and data (the paper's "
+                          "Table 1: forget top-1/top-k, the other classes' top-1, zero-shot utility, MIA, cost), "
+                          "each in a fresh process; print the rows as JSON and, with --out, write compare.json, "
+                          "compare.md (every setting tried) and compare.png.")
+    cmp_.add_argument("--forget", default=DEFAULT_CONCEPT, metavar="DIGIT", help="without --model: the digit to "
+                      f"forget (default: {DEFAULT_CONCEPT})")
+    cmp_.add_argument("--model", help="your CLIP model (as for `unlearn`); the flags below then describe the task")
+    cmp_.add_argument("--pretrained", help="open_clip pretrained tag or checkpoint file")
+    cmp_.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    cmp_.add_argument("--concept", help="with --model: the name to forget, as captions spell it")
+    cmp_.add_argument("--alias", action="append", default=[], help="another spelling of the concept (repeatable)")
+    cmp_.add_argument("--class-names", metavar="NAMES", help="with --model: zero-shot classes, 'a,b,c' or @file")
+    cmp_.add_argument("--data", metavar="SRC", help="captioned images to split by the concept (as for `unlearn`)")
+    cmp_.add_argument("--forget-data", metavar="SRC", help="captioned images of the concept (instead of --data)")
+    cmp_.add_argument("--retain-data", metavar="SRC", help="captioned images to keep (instead of --data)")
+    cmp_.add_argument("--eval-data", metavar="SRC", help="held-out captioned images for the criterion, the "
+                      "scores and membership inference (default: the forget and retain images)")
+    cmp_.add_argument("--utility-data", metavar="DIR", help="a labelled folder for zero-shot utility (as for `eval`)")
+    cmp_.add_argument("--utility-classes", metavar="NAMES", help="its class names: imagenet, @file or 'a,b,c'")
+    cmp_.add_argument("--utility-templates", metavar="@FILE", help="zero-shot templates for utility, one a line")
+    cmp_.add_argument("--utility-per-class", type=_positive_int, metavar="N", help="at most N images per class")
+    cmp_.add_argument("--top-k", type=_positive_int, default=5, help="criterion: top-k accuracy is 0 (default 5)")
+    cmp_.add_argument("--batch-size", type=_positive_int, default=32, help="pairs per gradient batch (32)")
+    cmp_.add_argument("--limit", type=_positive_int, help="read at most this many pairs from each source")
+    cmp_.add_argument("--max-evals", type=_positive_int, default=10, help="SLUG's step-search budget per layer (10)")
+    cmp_.add_argument("--memory-budget", metavar="SIZE", help="SLUG's memory budget (as for `unlearn`)")
     cmp_.add_argument("--out", metavar="DIR", help="directory for compare.json, compare.md and compare.png")
     cmp_.add_argument("--methods", default=",".join(COMPARE_METHODS),
                       help=f"comma-separated subset of {','.join(COMPARE_METHODS)}")
@@ -204,6 +227,38 @@ def _unlearn_concepts(parser: argparse.ArgumentParser, args) -> dict[str, tuple[
         parser.error(f"{several} every concept's gradients stay in memory (unlearn_many keeps the full store): "
                      "leave --memory-budget out, or forget one concept at a time")
     return concepts
+
+
+def _compare(parser: argparse.ArgumentParser, args, methods: list[str]) -> list[dict]:
+    """`compare` on the demo task, or with --model on the user's model and data."""
+    from .compare import ModelTask, run_compare, run_compare_model
+
+    task_flags = {"--concept": args.concept, "--class-names": args.class_names, "--data": args.data,
+                  "--forget-data": args.forget_data, "--retain-data": args.retain_data,
+                  "--eval-data": args.eval_data, "--utility-data": args.utility_data,
+                  "--pretrained": args.pretrained, "--memory-budget": args.memory_budget}
+    progress = False if args.quiet else None
+    if args.model is None:
+        given = [flag for flag, value in task_flags.items() if value is not None]
+        if given:
+            parser.error(f"{given[0]} describes your model's task: give --model too (without it, compare runs "
+                         "the demo task, --forget DIGIT)")
+        return run_compare(args.forget, args.out, methods=methods, progress=progress)
+    for flag in ("--concept", "--class-names"):
+        if task_flags[flag] is None:
+            parser.error(f"compare --model needs {flag}")
+    if args.data is not None and (args.forget_data is not None or args.retain_data is not None):
+        parser.error("give either --data (split by the concept) or both --forget-data and --retain-data, not both")
+    if args.data is None and (args.forget_data is None or args.retain_data is None):
+        parser.error("compare --model needs --data (split by the concept) or both --forget-data and --retain-data")
+    task = ModelTask(args.model, args.concept, args.class_names, pretrained=args.pretrained,
+                     aliases=tuple(args.alias), data=args.data, forget_data=args.forget_data,
+                     retain_data=args.retain_data, eval_data=args.eval_data, utility_data=args.utility_data,
+                     utility_classes=args.utility_classes, utility_templates=args.utility_templates,
+                     utility_per_class=args.utility_per_class, k=args.top_k, batch_size=args.batch_size,
+                     limit=args.limit, device=args.device, memory_budget=args.memory_budget,
+                     max_evals=args.max_evals)
+    return run_compare_model(task, args.out, methods=methods, progress=progress)
 
 
 def _budget(text: str):
@@ -314,7 +369,7 @@ def _run(argv: list[str] | None) -> int:
         elif args.command == "compare":
             from .compare import run_compare
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            rows = run_compare(args.forget, args.out, methods=methods, progress=False if args.quiet else None)
+            rows = _compare(parser, args, methods)
             out = [{k: v for k, v in r.items() if k != "tried"} for r in rows]
         elif args.command == "apply":
             from .job import run_apply

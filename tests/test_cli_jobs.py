@@ -147,6 +147,60 @@ def test_unlearn_bad_input_exits_2_and_writes_nothing(saved, tmp_path, args, mes
     assert [p.name for p in out.iterdir()] == ["report.json"] and (out / "report.json").read_text() == "keep me"
 
 
+def test_compare_on_a_saved_model_matches_unlearn_and_scores_every_method(saved, tmp_path):
+    """compare --model: the model as loaded, then each method in its own process on the same data and
+    criterion; SLUG's row is `slug-fast unlearn`'s run on the same inputs, scored as `eval` scores."""
+    task = ["--model", saved["model"], "--data", saved["train"], "--eval-data", saved["test"], "--concept", "seven",
+            "--class-names", CLASSES]
+    res = run("unlearn", *task, "--out", tmp_path / "unlearn", "--quiet")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    res = run("compare", *task, "--utility-data", saved["labelled"], "--utility-templates", f"@{saved['templates']}",
+              "--methods", "slug,ga", "--out", tmp_path / "compare", "--quiet")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert [r["method"] for r in rows] == ["original", "slug", "ga"]
+    assert [{k: v for k, v in r.items() if k != "tried"} for r in rows] == \
+        json.loads((tmp_path / "compare" / "compare.json").read_text())
+    original, slug, ga = rows
+    assert slug["setting"] == {"layer": report["layer"], "step": report["step"]} and slug["reached"]
+    for row, when in ((original, "before"), (slug, "after")):
+        for j in (1, 5):
+            assert row[f"forget_top{j}"] == report["forget"][f"top{j}_{when}"]
+            assert row[f"others_top{j}"] == report["retain"][f"top{j}_{when}"]
+        assert row["mia"] == report["mia"][f"loss_{when}"]
+    assert ga["reached"] and ga["forget_top5"] == 0.0 and ga["grid_seconds"] >= ga["seconds"] > 0
+    assert slug["seconds"] == slug["grid_seconds"] > 0 and original["seconds"] == 0
+    assert all(r["peak_rss_mb"] > 0 and r["peak_gpu_mb"] is None for r in rows)
+    assert original["utility_top1"] > 50 and all(r["utility_top1"] is not None for r in rows)
+    md = (tmp_path / "compare" / "compare.md").read_text()
+    assert "| method | best setting | forget top-1 | forget top-5 | others top-1 | utility top-1 | MIA |" in md
+    assert md.count("\n| original | - |") == 1
+    ga_tried = [line for line in md.split("## ga: every setting tried")[1].splitlines() if line.startswith("| ")]
+    assert len(ga_tried) >= 2 and any("| yes |" in line for line in ga_tried)  # the header, then each setting
+    assert (tmp_path / "compare" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--concept", "seven"], "--concept describes your model's task: give --model too"),
+    (["--model", "{model}", "--class-names", CLASSES, "--data", "{train}"], "compare --model needs --concept"),
+    (["--model", "{model}", "--concept", "seven", "--class-names", CLASSES], "needs --data (split by the concept)"),
+    (["--model", "{model}", "--concept", "seven", "--class-names", "seven", "--data", "{train}"],
+     "at least one name besides the concept"),
+    (["--model", "{model}", "--concept", "seven", "--class-names", CLASSES, "--data", "{train}",
+      "--utility-templates", "t.txt"], "--utility-templates takes @file"),
+    (["--model", "/nonexistent", "--concept", "seven", "--class-names", CLASSES, "--data", "{train}",
+      "--methods", "ga"], "method original failed: could not load '/nonexistent'"),
+])
+def test_compare_bad_input_exits_2_and_writes_nothing(saved, tmp_path, args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "compare.json").write_text("keep me")
+    res = run("compare", *[a.format(**saved) for a in args], "--out", out, "--quiet")
+    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert [p.name for p in out.iterdir()] == ["compare.json"] and (out / "compare.json").read_text() == "keep me"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--eval-data", None], "the following arguments are required: --eval-data"),
     (["--utility-classes", "imagenet"], "describe --utility-data; give the labelled folder too"),
