@@ -589,3 +589,41 @@ def test_labelled_folder_image_damaged_past_its_header_is_named_when_used(tmp_pa
     got.images[0]
     with pytest.raises(SlugError, match=r"image .*b\.jpg does not decode .*replace it or remove it"):
         got.images[0:2]
+
+
+def test_utility_set_names_imagenet_folders_with_open_clips_class_names(tmp_path, rng):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    from slug_fast.job import utility_set
+
+    wnids = [f"n{i:08d}" for i in range(1000)]  # stand-ins, sorted as ImageNet's are
+    for wnid in wnids:
+        (tmp_path / wnid).mkdir()
+    write_labelled_folder(tmp_path, rng, {wnids[0]: ["a.png"], wnids[999]: ["b.png", "c.png"]})
+    got = utility_set(str(tmp_path), "imagenet")
+    assert got.class_names == list(dict.fromkeys(IMAGENET_CLASSNAMES))  # the two cranes are one class
+    assert [got.class_names[y] for y in got.labels] == [IMAGENET_CLASSNAMES[0]] + [IMAGENET_CLASSNAMES[999]] * 2
+    assert utility_set(str(tmp_path), per_class=1).labels == [0, 999]
+    (tmp_path / "map.tsv").write_text(f"{wnids[0]}\tfirst\n" + "".join(f"{w}\tclass {w}\n" for w in wnids[1:]))
+    assert utility_set(str(tmp_path), f"@{tmp_path / 'map.tsv'}").class_names[:2] == ["first", "class n00000001"]
+    with pytest.raises(SlugError, match="2 class names for the 1000 class folders"):
+        utility_set(str(tmp_path), "tench, goldfish")
+
+
+def test_template_list_reads_one_template_a_line_each_with_a_slot(tmp_path):
+    from slug_fast.job import template_list
+
+    assert template_list(None, ("a {}.",)) == ["a {}."]
+    path = tmp_path / "templates.txt"
+    path.write_text("# ours\na photo of a {}.\n\n  itap of a {}.  \n")
+    assert template_list(f"@{path}", ()) == ["a photo of a {}.", "itap of a {}."]
+    path.write_text("a photo of a {}.\na photo\n")
+    with pytest.raises(SlugError, match=r"every template needs a '\{\}'.*\['a photo'\]"):
+        template_list(f"@{path}", ())
+    path.write_text("# nothing\n")
+    with pytest.raises(SlugError, match="got no templates"):
+        template_list(f"@{path}", ())
+    with pytest.raises(SlugError, match="takes @file"):
+        template_list(str(path), ())
+    with pytest.raises(SlugError, match="not found"):
+        template_list(f"@{tmp_path / 'missing.txt'}", ())
