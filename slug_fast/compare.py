@@ -29,36 +29,41 @@ METHODS = ("slug", "slug-authors", *TRAINING, "ssd")
 
 def run_method(method: str, concept: str, *, epochs: int | None = None, seed: int = 0) -> dict:
     """One method on the demo task, in this process: its row (and every setting it tried)."""
-    from .baselines import run_baseline
     from .demo import demo_task
-    from .unlearn import unlearn
 
     if method not in METHODS:
         raise SlugError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     task = demo_task(concept, epochs=epochs, seed=seed, progress=False)
-    t0 = time.perf_counter()
-    if method == "slug":
-        result = unlearn(task.model, task.forget, task.retain, task.criterion, progress=False)
-        seconds = grid_seconds = time.perf_counter() - t0
-        setting = {"layer": result.layers, "step": result.step}
-        tried = [{"setting": {"layer": c.layers, "step": c.search.step}, "reached": c.search.reached,
-                  "retain_top1": c.utility, "evaluations": len(c.search.trace)} for c in result.candidates]
-        reached = True
-    else:
-        result = run_baseline(method, task.model, task.forget, task.retain, task.criterion, apply=True,
-                              progress=False)
-        seconds, grid_seconds, reached = result.seconds, result.grid_seconds, result.reached
-        setting = result.best.hyper if result.best is not None else None
-        if method == "slug-authors" and result.best is not None:
-            setting = {"layer": result.best.hyper["layers"], "step": result.best.details["step"]}
-        tried = [{"setting": s.hyper, "reached": s.reached, "retain_top1": s.metrics.get("retain_top1"),
-                  "forget_top1": s.metrics.get("forget_top1"), "steps": s.steps, "seconds": s.seconds}
-                 for s in result.settings]
+    setting, reached, seconds, grid_seconds, tried = _run(method, task.model, task.forget, task.retain,
+                                                          task.criterion, "retain_top1")
     acc = task.accuracies()
     return {"method": method, "setting": setting, "reached": reached, "seconds": seconds,
             "grid_seconds": grid_seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "forget_top1": acc["forget_top1"], "retain_top1": acc["retain_top1"], "mia": task.mia()["loss"],
             "tried": tried}
+
+
+def _run(method: str, model, forget, retain, criterion, utility: str, **slug_options) -> tuple:
+    """(best setting, reached, its seconds, the grid's seconds, every setting tried) of one method
+    run on `model` (edited in place); `utility` names the criterion's utility metric."""
+    from .baselines import run_baseline
+    from .unlearn import unlearn
+
+    t0 = time.perf_counter()
+    if method == "slug":
+        result = unlearn(model, forget, retain, criterion, progress=False, **slug_options)
+        seconds = time.perf_counter() - t0
+        tried = [{"setting": {"layer": c.layers, "step": c.search.step}, "reached": c.search.reached,
+                  utility: c.utility, "evaluations": len(c.search.trace)} for c in result.candidates]
+        return {"layer": result.edited, "step": result.step}, True, seconds, seconds, tried
+    result = run_baseline(method, model, forget, retain, criterion, apply=True, progress=False)
+    setting = result.best.hyper if result.best is not None else None
+    if method == "slug-authors" and result.best is not None:
+        setting = {"layer": result.best.hyper["layers"], "step": result.best.details["step"]}
+    tried = [{"setting": r.hyper, "reached": r.reached, utility: r.metrics.get(utility),
+              "forget_top1": r.metrics.get("forget_top1"), "steps": r.steps, "seconds": r.seconds}
+             for r in result.settings]
+    return setting, result.reached, result.seconds, result.grid_seconds, tried
 
 
 @dataclasses.dataclass
@@ -92,12 +97,10 @@ def run_model_method(method: str, task: ModelTask) -> dict:
     "original" scores the model as loaded; every other method edits it first."""
     import torch
 
-    from .baselines import run_baseline
     from .eval.benchmark import table_scores
     from .eval.zero_shot import OBJECT_TEMPLATES, concept_criterion
     from .job import _batches, _class_list, _prepare, template_list, utility_set
     from .memory import parse_budget
-    from .unlearn import unlearn
 
     if method not in ("original", *METHODS):
         raise SlugError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -115,26 +118,11 @@ def run_model_method(method: str, task: ModelTask) -> dict:
     cuda = str(task.device).startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
     if method == "original":
-        seconds = grid_seconds = 0.0
-        setting, reached, tried = None, None, []
-    elif method == "slug":
-        result = unlearn(adapter, forget, retain, criterion, max_evals=task.max_evals, memory_budget=budget,
-                         progress=False)
-        seconds = grid_seconds = time.perf_counter() - t0
-        setting, reached = {"layer": result.edited, "step": result.step}, True
-        tried = [{"setting": {"layer": c.layers, "step": c.search.step}, "reached": c.search.reached,
-                  "utility": c.utility, "evaluations": len(c.search.trace)} for c in result.candidates]
+        setting, reached, seconds, grid_seconds, tried = None, None, 0.0, 0.0, []
     else:
-        result = run_baseline(method, adapter, forget, retain, criterion, apply=True, progress=False)
-        seconds, grid_seconds, reached = result.seconds, result.grid_seconds, result.reached
-        setting = result.best.hyper if result.best is not None else None
-        if method == "slug-authors" and result.best is not None:
-            setting = {"layer": result.best.hyper["layers"], "step": result.best.details["step"]}
-        tried = [{"setting": r.hyper, "reached": r.reached, "utility": r.metrics.get("utility"),
-                  "forget_top1": r.metrics.get("forget_top1"), "steps": r.steps, "seconds": r.seconds}
-                 for r in result.settings]
+        setting, reached, seconds, grid_seconds, tried = _run(method, adapter, forget, retain, criterion, "utility",
+                                                              max_evals=task.max_evals, memory_budget=budget)
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     scores = table_scores(adapter, eval_images, eval_labels, names, task.concept, k=task.k, utility=utility,
                           utility_templates=templates, forget_pairs=forget_pairs if held_out else None,
@@ -245,14 +233,20 @@ def markdown(rows: list[dict], concept: str) -> str:
     lines += [f"| {r['method']} | {_fmt(r['setting']) if r['reached'] else 'criterion never met'} | "
               f"{_fmt(r['seconds'])} | {_fmt(r['grid_seconds'])} | {r['peak_rss_mb']:.0f} | "
               f"{_fmt(r['forget_top1'])} | {_fmt(r['retain_top1'])} | {_fmt(r['mia'])} |" for r in rows]
+    return "\n".join(lines + _tried(rows, "retain_top1", "retain top-1")) + "\n"
+
+
+def _tried(rows: list[dict], utility: str, heading: str) -> list[str]:
+    """compare.md's sections of every setting each method tried; `utility` is its key in them."""
+    lines = []
     for r in rows:
         lines += ["", f"## {r['method']}: every setting tried", "",
-                  "| setting | criterion met | forget top-1 | retain top-1 | steps / evaluations | seconds |",
+                  f"| setting | criterion met | forget top-1 | {heading} | steps / evaluations | seconds |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {_fmt(t['setting'])} | {'yes' if t['reached'] else 'no'} | {_fmt(t.get('forget_top1'))} | "
-                  f"{_fmt(t.get('retain_top1'))} | {_fmt(t.get('steps', t.get('evaluations')))} | "
+                  f"{_fmt(t.get(utility))} | {_fmt(t.get('steps', t.get('evaluations')))} | "
                   f"{_fmt(t.get('seconds'))} |" for t in r["tried"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def markdown_table(rows: list[dict], concept: str, k: int = 5) -> str:
@@ -272,14 +266,7 @@ def markdown_table(rows: list[dict], concept: str, k: int = 5) -> str:
     lines += ["", "Accuracies in percent: forget = the concept's images among the class names (0 is forgotten), "
               "others = the other classes' images, utility = zero-shot on the labelled folder; MIA = "
               "membership-inference accuracy on the forget pairs vs held-out ones (50 = cannot tell)."]
-    for r in rows[1:]:
-        lines += ["", f"## {r['method']}: every setting tried", "",
-                  "| setting | criterion met | forget top-1 | utility | steps / evaluations | seconds |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {_fmt(t['setting'])} | {'yes' if t['reached'] else 'no'} | {_fmt(t.get('forget_top1'))} | "
-                  f"{_fmt(t.get('utility'))} | {_fmt(t.get('steps', t.get('evaluations')))} | "
-                  f"{_fmt(t.get('seconds'))} |" for t in r["tried"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _tried(rows[1:], "utility", "utility")) + "\n"
 
 
 def plot(rows: list[dict], path: Path, concept: str, metric: str = "retain_top1") -> Path:
