@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import slug_fast
-from slug_fast.errors import SlugError
+from slug_fast.errors import EmptySetError, NonFiniteError, SlugError
 from slug_fast.gradients import GradientPass, forward_use_order
 from slug_fast.stores import ChunkedStore, FullStore, OffloadStore
 
@@ -243,6 +243,80 @@ def test_probe_measures_activations_and_keeps_no_graph_alive(gen):
     assert probe.activation_bytes >= 64 * 4 * 4 and probe.largest_activation == 64 * 4 * 4
     assert model.seen and model.seen[-1]() is None  # the probe's graph is gone with its tensors
     assert all(p.grad is None for p in model.parameters())
+
+
+class TwoExps(torch.nn.Module):
+    """Two saved outputs of different sizes (exp saves its result; a linear layer its input, which is
+    the first exp's result, and its weight): 64x3 and 64x2 floats, apart from the batch and weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin2(self.lin1(x).exp()).exp()
+
+
+class FixedMeter:
+    """A PeakMeter stand-in reporting set levels (the real one reads the process's RSS)."""
+
+    def __init__(self, grown, peak):
+        self.grown, self.level = grown, peak
+
+    def __call__(self, device):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def now(self):
+        return self.grown
+
+    def peak(self):
+        return self.level
+
+
+@pytest.mark.parametrize("grown, peak, activations, transient", [
+    (0, 0, 64 * 3 * 4 + 64 * 2 * 4, 0),  # the saved tensors: neither the batch nor a weight counts
+    (5000, 12000, 5000, 7000),  # memory grew more than autograd saved (checkpointed regions)
+    (5000, 100, 5000, 0),
+])
+def test_probe_counts_saved_tensors_exactly_and_the_forward_transient(gen, monkeypatch, grown, peak, activations,
+                                                                       transient):
+    import slug_fast.memory
+
+    monkeypatch.setattr(slug_fast.memory, "PeakMeter", FixedMeter(grown, peak))
+    model = TwoExps()
+    x = torch.randn(64, 4, generator=gen)
+    run = GradientPass(model, [x], None, lambda m, b: m(b).sum(), None, [n for n, _ in model.named_parameters()])
+    probe = run.probe()
+    assert (probe.activation_bytes, probe.largest_activation, probe.forward_transient) == \
+        (activations, 64 * 3 * 4, transient)
+    assert probe.use_order == ["lin1.weight", "lin1.bias", "lin2.weight", "lin2.bias"]
+
+    nothing_saved = GradientPass(model, [x], None, lambda m, b: m.lin1.weight.sum(), None, ["lin1.weight"]).probe()
+    assert (nothing_saved.activation_bytes, nothing_saved.largest_activation) == (grown, 0)
+
+
+def test_probe_takes_a_loss_that_differentiates_inside_and_checks_the_loss(gen):
+    model = TwoExps()
+    x = torch.randn(8, 4, generator=gen)
+    names = [n for n, _ in model.named_parameters()]
+
+    def penalty(m, b):  # a gradient penalty: autograd unpacks the saved tensors during the forward
+        g, = torch.autograd.grad(m(b).sum(), m.lin1.weight, create_graph=True)
+        return g.pow(2).sum()
+
+    assert GradientPass(model, [x], None, penalty, None, names).probe().use_order[:2] == ["lin1.weight", "lin1.bias"]
+    with pytest.raises(SlugError, match=r"^forget loss must return a scalar tensor, got shape \(8, 2\)$"):
+        GradientPass(model, [x], None, lambda m, b: m(b), None, names).probe()
+    with pytest.raises(NonFiniteError, match="^forget loss is nan at batch 0;"):
+        GradientPass(model, [x], None, lambda m, b: m(b).sum() * float("nan"), None, names).probe()
+    with pytest.raises(EmptySetError, match="the forget set is empty"):
+        GradientPass(model, [], None, lambda m, b: m(b).sum(), None, names).probe()
 
 
 def test_probe_puts_back_the_first_batch_of_a_one_shot_iterator(gen):
