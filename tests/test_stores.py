@@ -555,3 +555,52 @@ def test_offload_host_sums_of_every_batch_in_the_layers_dtype(gen, dtype):
         assert got.dtype == dtype and torch.equal(got, full.forget[n]), n
         assert (got.double() - oracle[n]).norm() <= tol * oracle[n].norm(), n
     assert oracle["inp.weight"].norm() > 0
+
+
+def test_unlearn_plans_and_builds_the_store_its_plan_names(digits_model, digits_trained, monkeypatch, caplog):
+    """The plan unlearn logs and reports, and the store it builds from it (spied): the full store
+    without a budget (no probe forward), the chunked one with the plan's groups, deepest layers first,
+    and its allowance for kept gradients; a budget as a multiple of the differentiated weights."""
+    import logging
+    import sys
+
+    un = sys.modules["slug_fast.unlearn"]  # the module (slug_fast.unlearn is also the function)
+    built = []
+
+    def spy(cls):
+        class Spy(cls):
+            def __init__(self, *args, **kwargs):
+                built.append((cls.__name__, kwargs))
+                super().__init__(*args, **kwargs)
+        return Spy
+
+    for name in ("FullStore", "ChunkedStore", "OffloadStore"):
+        monkeypatch.setattr(un, name, spy(getattr(un, name)))
+    forget, retain = sets(digits_trained[1], FORGET)
+    common = dict(apply=False, progress=False)
+    for store in ("full", "auto"):
+        with caplog.at_level(logging.INFO, logger="slug_fast"):
+            res = slug_fast.unlearn(digits_model, forget, retain, lambda m: True, store=store, **common)
+        assert built == [("FullStore", {})] and res.memory.mode == "full"
+        built.clear()
+        assert res.memory.activation_bytes is None and list(res.memory.predicted) == ["gradients"]
+        described = [r.getMessage() for r in caplog.records if r.getMessage().startswith("gradient store full:")]
+        assert len(described) == 1 and " above the loaded model on cpu (gradients " in described[0]
+        caplog.clear()
+
+    res = slug_fast.unlearn(digits_model, forget, retain, lambda m: True, store="chunked", passes=2, **common)
+    (kind, kwargs), = built
+    assert kind == "ChunkedStore" and kwargs["keep_bytes"] is None  # no budget: every front layer is kept
+    built.clear()
+    fixed = sum(v for part, v in res.memory.predicted.items() if part not in ("gradients", "kept"))
+    times = (fixed + 1.5 * res.memory.weight_bytes) / res.memory.weight_bytes  # between chunked's need and full's
+    res = slug_fast.unlearn(digits_model, forget, retain, lambda m: True, memory_budget=f"{times:.4f}x", **common)
+    memory = res.memory
+    assert memory.budget_bytes == pytest.approx(times * memory.weight_bytes, rel=1e-4) and memory.mode == "chunked"
+    (kind, kwargs), = built
+    assert kind == "ChunkedStore" and kwargs["keep_bytes"] == memory.predicted["kept"]
+    assert [len(g) for g in kwargs["groups"]] == memory.groups and kwargs["backend"] == "auto"
+    names = [n for g in kwargs["groups"] for n in g]
+    names_probe = GradientPass(digits_model, forget, retain, slug_fast.adapters.get_adapter(digits_model).forget_loss, None,
+                               sorted(names)).probe().use_order
+    assert names == names_probe[::-1]  # deepest first (no layer is grouped with another here)
