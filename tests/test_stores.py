@@ -604,3 +604,22 @@ def test_unlearn_plans_and_builds_the_store_its_plan_names(digits_model, digits_
     names_probe = GradientPass(digits_model, forget, retain, slug_fast.adapters.get_adapter(digits_model).forget_loss, None,
                                sorted(names)).probe().use_order
     assert names == names_probe[::-1]  # deepest first (no layer is grouped with another here)
+
+
+def test_unlearn_passes_its_adapter_eligibility_and_forward_transient_on(digits_model, digits_trained, monkeypatch):
+    """An adapter named explicitly is the one used (not the detected one); `eligible` picks the
+    layers; the probe's forward transient reaches the plan's prediction."""
+    import slug_fast.memory
+
+    forget, retain = sets(digits_trained[1], FORGET)
+    ad = slug_fast.adapters.get_adapter(digits_model)
+    common = dict(apply=False, progress=False)
+    generic = slug_fast.unlearn(digits_model, forget, retain, lambda m: True, adapter="generic",
+                                forget_loss=ad.forget_loss, retain_loss=ad.retain_loss, **common)
+    assert generic.backends["adapter"] == "generic"
+    only = slug_fast.unlearn(digits_model, forget, retain, lambda m: True,
+                             eligible=lambda name, shape: name == "visual.proj", tower="vision", **common)
+    assert only.stats.names == ["visual.proj"] and only.layers == ["visual.proj"]
+    monkeypatch.setattr(slug_fast.memory, "PeakMeter", FixedMeter(0, 10**9))  # the probe's meter only
+    res = slug_fast.unlearn(digits_model, forget, retain, lambda m: True, store="chunked", passes=2, **common)
+    assert res.memory.predicted["transient"] >= 10**9  # the forward rose 1 GB above what it kept
