@@ -160,8 +160,13 @@ def test_zero_shot_accuracy_is_the_known_answer(gen):
 
 def test_zero_shot_bad_input():
     adapter = StubAdapter(StubClip())
-    with pytest.raises(SlugError, match="needs a '{}' where the class name goes"):
+    with pytest.raises(SlugError, match=r"needs a '\{\}' where the class name goes.*; got \['a photo'\]$"):
         ZeroShotClassifier(adapter, NAMES, ["a photo"])
+    with pytest.raises(SlugError, match=r"; got \['one', 'two', 'three'\]$"):  # the first three of them
+        ZeroShotClassifier(adapter, NAMES, ["a {}", "one", "two", "three", "four"])
+    with pytest.raises(SlugError, match="text_batch_size must be at least 1, got 0"):
+        ZeroShotClassifier(adapter, NAMES, list(TEMPLATES), text_batch_size=0)
+    assert ZeroShotClassifier(adapter, NAMES, list(TEMPLATES), text_batch_size=1).text_batch_size == 1
     with pytest.raises(SlugError, match="repeats \\['alpha'\\]"):
         ZeroShotClassifier(adapter, ("alpha", "alpha"), list(TEMPLATES))
     with pytest.raises(SlugError, match="needs a CLIP-family adapter"):
@@ -1123,3 +1128,18 @@ def test_table_scores_are_the_criterion_metrics_utility_and_mia(gen):
         table_scores(adapter, images, labels, NAMES, NAMES[concept], templates=list(TEMPLATES), forget_pairs=pairs)
     with pytest.raises(SlugError, match="needs a CLIP-family adapter"):
         table_scores(digits.build_model(0), images, labels, NAMES, NAMES[concept])
+
+
+def test_default_batch_sizes_images_64_and_class_prompts_256(gen):
+    adapter = Batches(StubClip())
+    encode_images(adapter, torch.randn(130, DIM, generator=gen))
+    assert adapter.image_batches == [64, 64, 2]
+    names = [f"class{i}" for i in range(300)]  # 300 prompts with one template
+
+    class ManyNames(Batches):
+        def tokens(self, texts):
+            return torch.stack([torch.eye(DIM)[names.index(t.split()[-1]) % DIM] for t in texts])
+
+    many = ManyNames(StubClip())
+    ZeroShotClassifier(many, names, ["a photo of {}"]).weights()
+    assert many.text_batches == [256, 44]

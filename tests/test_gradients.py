@@ -176,3 +176,23 @@ def test_host_sums_stage_each_layer_in_one_buffer_pinned_only_for_a_gpu_model(mo
     assert pinned == [True, False]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CUDA model but no CUDA: never pinned
     assert not HostSums({"w": on_gpu}).pin
+
+
+class Opaque:
+    """A batch leaf that is neither a tensor nor a plain value (left out of a fingerprint)."""
+
+
+@pytest.mark.skipif(not hasattr(torch, "hash_tensor"), reason="torch.hash_tensor (torch >= 2.10) hashes the bits")
+def test_batch_fingerprint_sees_values_and_plain_leaves_not_other_objects():
+    from slug_fast.gradients import _fingerprint
+
+    x = torch.tensor([0.5, 0.5])
+    batch = {"x": x, "empty": torch.zeros(0, 3), "caption": "a photo of Ann", "n": 3, "none": None, "obj": Opaque()}
+    fp = _fingerprint(batch)
+    assert fp[1] == ((0, 3), torch.float32, 0.0)  # an empty tensor: its shape, dtype and a zero sum
+    assert fp[0][:2] == ((2,), torch.float32) and isinstance(fp[0][2], int)  # the elements' bits hashed
+    assert fp[2:] == ("a photo of Ann", 3, None)  # plain values as they are; the opaque object is left out
+    assert _fingerprint({**batch, "obj": Opaque()}) == fp
+    same_sum = _fingerprint({**batch, "x": torch.tensor([0.25, 0.75])})
+    assert same_sum != fp  # a sum would not tell these apart
+    assert _fingerprint({**batch, "caption": "a photo of Bob"}) != fp
