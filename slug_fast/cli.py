@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Run SLUG, slug-authors and the baselines (each over its grid, early "
                           "stopped) on the demo task or, with --model, on your CLIP model and data (the paper's "
                           "Table 1: forget top-1/top-k, the other classes' top-1, zero-shot utility, MIA, cost), "
-                          "each in a fresh process; print the rows as JSON and, with --out, write compare.json, "
-                          "compare.md (every setting tried) and compare.png.")
+                          "each in a fresh process; print the rows (each with every setting it tried) as JSON and, "
+                          "with --out, write them to compare.json, with compare.md and compare.png.")
     cmp_.add_argument("--forget", default=DEFAULT_CONCEPT, metavar="DIGIT", help="without --model: the digit to "
                       f"forget (default: {DEFAULT_CONCEPT})")
     cmp_.add_argument("--model", help="your CLIP model (as for `unlearn`); the flags below then describe the task")
@@ -370,7 +370,7 @@ def _run(argv: list[str] | None) -> int:
             from .compare import run_compare
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
             rows = _compare(parser, args, methods)
-            out = [{k: v for k, v in r.items() if k != "tried"} for r in rows]
+            out = rows
         elif args.command == "apply":
             from .job import run_apply
             out = run_apply(args.model, args.delta, args.out, pretrained=args.pretrained, device=args.device,

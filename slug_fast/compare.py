@@ -203,9 +203,9 @@ def run_compare(concept: str, out: str | Path | None = None, *, methods=METHODS,
 
 
 def _write_outputs(out: Path, rows: list[dict], text, draw) -> None:
-    """compare.json (the rows without every setting tried), compare.md and compare.png."""
+    """compare.json (the rows, each with every setting tried), compare.md and compare.png."""
     def write(staging: Path) -> list[str]:
-        write_json_atomic(staging / "compare.json", [{k: v for k, v in r.items() if k != "tried"} for r in rows])
+        write_json_atomic(staging / "compare.json", rows)
         write_atomic(staging / "compare.md", lambda tmp: Path(tmp).write_text(text()))
         draw(staging / "compare.png")
         return ["compare.png", "compare.md", "compare.json"]

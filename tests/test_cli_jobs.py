@@ -52,8 +52,15 @@ def saved(tmp_path_factory, digits_trained):
         folder.mkdir(parents=True, exist_ok=True)
         digits.to_pil(image, data).save(folder / f"{i:04d}.png")
     (root / "templates.txt").write_text("\n".join(digits.TEMPLATES) + "\n")
+    captioned = root / "captioned"  # the held-out digits again, as an image folder with captions.tsv
+    captioned.mkdir()
+    lines = []
+    for i, (image, caption) in enumerate(zip(data.test_images, digits.captions_for(data.test_labels, gen))):
+        digits.to_pil(image, data).save(captioned / f"{i:04d}.png")
+        lines.append(f"{i:04d}.png\t{caption}")
+    (captioned / "captions.tsv").write_text("\n".join(lines) + "\n")
     return {"root": root, "model": model_dir, "train": train, "test": test, "labelled": labelled,
-            "templates": root / "templates.txt"}
+            "templates": root / "templates.txt", "captioned": captioned}
 
 
 def run(*args):
@@ -150,8 +157,8 @@ def test_unlearn_bad_input_exits_2_and_writes_nothing(saved, tmp_path, args, mes
 def test_compare_on_a_saved_model_matches_unlearn_and_scores_every_method(saved, tmp_path):
     """compare --model: the model as loaded, then each method in its own process on the same data and
     criterion; SLUG's row is `slug-fast unlearn`'s run on the same inputs, scored as `eval` scores."""
-    task = ["--model", saved["model"], "--data", saved["train"], "--eval-data", saved["test"], "--concept", "seven",
-            "--class-names", CLASSES]
+    task = ["--model", saved["model"], "--data", saved["train"], "--eval-data", saved["captioned"], "--concept",
+            "seven", "--class-names", CLASSES]
     res = run("unlearn", *task, "--out", tmp_path / "unlearn", "--quiet")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
@@ -160,8 +167,7 @@ def test_compare_on_a_saved_model_matches_unlearn_and_scores_every_method(saved,
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
     assert [r["method"] for r in rows] == ["original", "slug", "ga"]
-    assert [{k: v for k, v in r.items() if k != "tried"} for r in rows] == \
-        json.loads((tmp_path / "compare" / "compare.json").read_text())
+    assert rows == json.loads((tmp_path / "compare" / "compare.json").read_text())
     original, slug, ga = rows
     assert slug["setting"] == {"layer": report["layer"], "step": report["step"]} and slug["reached"]
     for row, when in ((original, "before"), (slug, "after")):
@@ -173,6 +179,8 @@ def test_compare_on_a_saved_model_matches_unlearn_and_scores_every_method(saved,
     assert slug["seconds"] == slug["grid_seconds"] > 0 and original["seconds"] == 0
     assert all(r["peak_rss_mb"] > 0 and r["peak_gpu_mb"] is None for r in rows)
     assert original["utility_top1"] > 50 and all(r["utility_top1"] is not None for r in rows)
+    assert original["tried"] == [] and len(slug["tried"]) == len(report["unlearn"]["candidates"])
+    assert any(t["reached"] for t in ga["tried"]) and all({"setting", "utility", "steps"} <= set(t) for t in ga["tried"])
     md = (tmp_path / "compare" / "compare.md").read_text()
     assert "| method | best setting | forget top-1 | forget top-5 | others top-1 | utility top-1 | MIA |" in md
     assert md.count("\n| original | - |") == 1
