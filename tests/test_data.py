@@ -580,6 +580,46 @@ def test_labelled_folder_errors(tmp_path, rng):
             read(root, path)
 
 
+def test_labelled_folder_converts_to_the_mode_asked_rgb_by_default(tmp_path, rng):
+    """A grey and an RGBA file come back in RGB by default (FolderImages too), in "L" when asked."""
+    (tmp_path / "cat").mkdir()
+    grey = Image.fromarray(rng.integers(0, 256, (6, 5), dtype=np.uint8), "L")
+    rgba = Image.fromarray(rng.integers(0, 256, (6, 5, 4), dtype=np.uint8), "RGBA")
+    grey.save(tmp_path / "cat" / "a.png")
+    rgba.save(tmp_path / "cat" / "b.png")
+    read = slug_fast.data.read_labelled_folder
+    rgb = read(tmp_path).images
+    assert [im.mode for im in rgb[:]] == ["RGB", "RGB"]
+    assert np.array_equal(np.asarray(rgb[0]), np.asarray(grey.convert("RGB")))
+    assert np.array_equal(np.asarray(rgb[1]), np.asarray(rgba.convert("RGB")))
+    assert [im.mode for im in slug_fast.data.FolderImages(rgb.paths)[:]] == ["RGB", "RGB"]
+    luminance = read(tmp_path, mode="L").images
+    assert [im.mode for im in luminance[:]] == ["L", "L"]
+    assert np.array_equal(np.asarray(luminance[1]), np.asarray(rgba.convert("L")))
+
+
+def test_labelled_folder_skips_non_images_anywhere_keeps_per_class_and_says_so(tmp_path, rng, caplog):
+    """A non-image sorted before the images does not end its folder; per_class=2 keeps two of three;
+    each skipped file is recorded with why, and one warning names the folder and the count."""
+    write_labelled_folder(tmp_path, rng, {"cat": ["a.txt", "b.png", "c.png", "d.png"], "dog": ["e.png"]})
+    with caplog.at_level(logging.WARNING, logger="slug_fast"):
+        got = slug_fast.data.read_labelled_folder(tmp_path)
+    assert [p.name for p in got.images.paths] == ["b.png", "c.png", "d.png", "e.png"] and got.labels == [0, 0, 0, 1]
+    (skipped,) = got.skipped
+    assert skipped.key == "cat/a.txt" and skipped.kind == "undecodable" and skipped.detail.startswith("not an image (")
+    assert [r.getMessage() for r in caplog.records] == [f"{tmp_path}: skipped 1 files that are not images"]
+    two = slug_fast.data.read_labelled_folder(tmp_path, per_class=2)
+    assert [p.name for p in two.images.paths] == ["b.png", "c.png", "e.png"] and two.labels == [0, 0, 1]
+
+
+def test_class_map_reads_a_byte_order_mark_indented_comments_and_splits_at_the_first_separator(tmp_path):
+    path = tmp_path / "map.tsv"
+    path.write_bytes("n01\tCaf\u00e9 au lait\n   # an indented comment\nn02\tname\twith a tab\n".encode("utf-8-sig"))
+    assert slug_fast.data.read_class_map(path) == {"n01": "Caf\u00e9 au lait", "n02": "name\twith a tab"}
+    path.write_text("n03 great white shark\n\t# tabbed comment\n", encoding="utf-8")
+    assert slug_fast.data.read_class_map(path) == {"n03": "great white shark"}
+
+
 def test_labelled_folder_image_damaged_past_its_header_is_named_when_used(tmp_path, rng):
     write_labelled_folder(tmp_path, rng, {"cat": ["a.jpg"]})
     whole = encoded(random_image(rng, (200, 200)), "JPEG")  # the header is a small part of it

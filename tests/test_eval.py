@@ -1130,6 +1130,24 @@ def test_table_scores_are_the_criterion_metrics_utility_and_mia(gen):
         table_scores(digits.build_model(0), images, labels, NAMES, NAMES[concept])
 
 
+def test_table_scores_batches_images_as_asked_and_scores_a_utility_set_of_few_classes(gen):
+    """batch_size reaches both the concept images and the utility images (64 by default); a
+    utility set of 3 classes is scored at top-1 only (a top-5 would not exist): known answer."""
+    labels = torch.randint(len(NAMES), (130,), generator=gen)
+    labels[:10] = 2
+    images = images_with_ranks(labels, torch.randint(3, (130,), generator=gen), gen)
+    u_labels = torch.randint(3, (70,), generator=gen)
+    wrong = torch.rand(70, generator=gen) < 0.3
+    u_images = torch.eye(DIM)[torch.where(wrong, (u_labels + 1) % 3, u_labels)]  # a class's own axis, or the next's
+    utility = LabelledImages(list(u_images), u_labels.tolist(), list(NAMES[:3]), [])
+    for kwargs, size in (({}, 64), ({"batch_size": 50}, 50)):
+        adapter = Batches(StubClip())
+        scores = table_scores(adapter, images, labels, NAMES, NAMES[2], templates=list(TEMPLATES), utility=utility,
+                              utility_templates=list(TEMPLATES), **kwargs)
+        assert adapter.image_batches == chunks(130, size) + chunks(70, size)
+        assert scores["utility_top1"] == pytest.approx(100 * (~wrong).double().mean().item())
+
+
 def test_default_batch_sizes_images_64_and_class_prompts_256(gen):
     adapter = Batches(StubClip())
     encode_images(adapter, torch.randn(130, DIM, generator=gen))

@@ -623,3 +623,51 @@ def test_unlearn_passes_its_adapter_eligibility_and_forward_transient_on(digits_
     monkeypatch.setattr(slug_fast.memory, "PeakMeter", FixedMeter(0, 10**9))  # the probe's meter only
     res = slug_fast.unlearn(digits_model, forget, retain, lambda m: True, store="chunked", passes=2, **common)
     assert res.memory.predicted["transient"] >= 10**9  # the forward rose 1 GB above what it kept
+
+
+def test_a_plan_of_many_passes_warns_unless_they_were_asked_for_or_checkpointing_is_on(gen, monkeypatch, caplog):
+    """More than 2 x MAX_PREFERRED_PASSES passes chosen by the budget: a warning naming the count
+    and the remedies; not at exactly that many, not when `passes=` asked for them, not with
+    checkpointing (the plan's count is forced through a spy on the real planner)."""
+    import logging
+    import sys
+
+    from slug_fast.memory import MAX_PREFERRED_PASSES
+
+    un = sys.modules["slug_fast.unlearn"]
+    real_plan, forced = un._plan_memory, {}
+
+    def plan_with(run, names, budget_spec, store, passes, *rest):
+        return real_plan(run, names, budget_spec, "chunked", forced["passes"], *rest)
+
+    monkeypatch.setattr(un, "_plan_memory", plan_with)
+    class Deep(torch.nn.Sequential):  # ten blocks, checkpointed as open_clip's are when switched on
+        grad_checkpointing = False
+
+        def set_grad_checkpointing(self, enable=True):
+            self.grad_checkpointing = enable
+
+        def forward(self, x):
+            for block in self:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing \
+                    else block(x)
+            return x
+
+    model = Deep(*[torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()) for _ in range(10)])
+    data = [(torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)) for _ in range(2)]
+    many = 2 * MAX_PREFERRED_PASSES
+
+    def warnings(planned, **options):
+        forced["passes"] = planned
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="slug_fast"):
+            res = slug_fast.unlearn(model, data, data, lambda m: True, forget_loss=mse, retain_loss=mse,
+                                    apply=False, progress=False, **options)
+        assert res.memory.passes == planned and res.memory.mode == "chunked"
+        return [r.getMessage() for r in caplog.records if "passes" in r.getMessage()]
+
+    warned, = warnings(many + 1)
+    assert f": {many + 1} passes; checkpointing=True or smaller batches would need fewer" in warned
+    assert warnings(many) == [] and warnings(2) == []
+    assert warnings(many + 1, checkpointing=True) == []
+    assert warnings(many + 1, store="chunked", passes=many + 1) == []
