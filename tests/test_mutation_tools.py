@@ -92,3 +92,29 @@ def test_state_refuses_a_half_written_verdict_and_foreign_archive_members(tmp_pa
     with pytest.raises(SystemExit, match="unexpected member '../outside.meta'"):
         state.restore(tmp_path / "fresh", evil, force=False)
     assert not (tmp_path / "outside.meta").exists()
+
+
+def test_run_launcher_hands_each_mutant_its_tests_fastest_first(monkeypatch):
+    """bench/mutation_run.py: the runner's submit gets the tests sorted by mutmut's measured
+    durations (ties and unmeasured tests by name), the rest of its arguments untouched."""
+    pytest.importorskip("mutmut", reason="mutmut is a dev extra")
+    from mutmut.state import state as mutmut_state
+    from mutmut.workers import isolation
+
+    submitted = []
+
+    class Recorder:
+        def submit(self, mutant_name, tests, cpu_time_limit, estimated_time):
+            submitted.append((mutant_name, tests, cpu_time_limit, estimated_time))
+
+    monkeypatch.setattr(isolation, "ForkServerRunner", Recorder)
+    monkeypatch.setattr(isolation, "ForkRunner", type("Other", (Recorder,), {}))
+    launcher = load("mutation_run")
+    durations = {"t::slow": 40.0, "t::quick": 0.5, "t::b_tie": 2.0, "t::a_tie": 2.0}
+    monkeypatch.setattr(mutmut_state(), "duration_by_test", durations)
+    tests = ["t::slow", "t::b_tie", "t::unmeasured", "t::quick", "t::a_tie"]
+    assert launcher.fastest_first(tests) == ["t::unmeasured", "t::quick", "t::a_tie", "t::b_tie", "t::slow"]
+    Recorder().submit("m__mutmut_1", list(tests), 30, 12.5)
+    isolation.ForkRunner().submit("m__mutmut_2", ["t::slow", "t::quick"], 9, 1.0)
+    assert submitted == [("m__mutmut_1", ["t::unmeasured", "t::quick", "t::a_tie", "t::b_tie", "t::slow"], 30, 12.5),
+                         ("m__mutmut_2", ["t::quick", "t::slow"], 9, 1.0)]

@@ -632,7 +632,7 @@ def test_a_plan_of_many_passes_warns_unless_they_were_asked_for_or_checkpointing
     import logging
     import sys
 
-    from slug_fast.memory import MAX_PREFERRED_PASSES
+    from slug_fast.memory import MAX_PREFERRED_PASSES, format_bytes
 
     un = sys.modules["slug_fast.unlearn"]
     real_plan, forced = un._plan_memory, {}
@@ -664,10 +664,73 @@ def test_a_plan_of_many_passes_warns_unless_they_were_asked_for_or_checkpointing
             res = slug_fast.unlearn(model, data, data, lambda m: True, forget_loss=mse, retain_loss=mse,
                                     apply=False, progress=False, **options)
         assert res.memory.passes == planned and res.memory.mode == "chunked"
+        forced["activations"] = format_bytes(res.memory.activation_bytes)
         return [r.getMessage() for r in caplog.records if "passes" in r.getMessage()]
 
     warned, = warnings(many + 1)
-    assert f": {many + 1} passes; checkpointing=True or smaller batches would need fewer" in warned
+    assert warned == ("the budget leaves room for few gradients beside one batch's activations "
+                      f"({forced['activations']}): {many + 1} passes; checkpointing=True or smaller batches would "
+                      "need fewer")
     assert warnings(many) == [] and warnings(2) == []
     assert warnings(many + 1, checkpointing=True) == []
     assert warnings(many + 1, store="chunked", passes=many + 1) == []
+
+
+def test_the_chunked_store_keeps_the_running_fronts_deepest_first_and_honours_backend_torch(gen, monkeypatch):
+    """What unlearn asks the chunked store to keep after each group: the Pareto front of the
+    layers seen so far (brute force over their statistics), deepest in the forward pass first,
+    even when the model registers its modules in another order; with backend="torch" every
+    front, the running ones too, is taken by the torch reference."""
+    import sys
+
+    un = sys.modules["slug_fast.unlearn"]
+    kept_lists, backends = [], []
+
+    class Spy(un.ChunkedStore):
+        def __init__(self, *args, keep, **kwargs):
+            def recorded(seen):
+                wanted = keep(seen)
+                kept_lists.append((seen, wanted))
+                return wanted
+            super().__init__(*args, keep=recorded, **kwargs)
+
+    def pareto_spy(alignment, importance, backend="auto"):
+        backends.append(backend)
+        return real_pareto(alignment, importance, backend=backend)
+
+    real_pareto = un.pareto_front
+    monkeypatch.setattr(un, "ChunkedStore", Spy)
+    monkeypatch.setattr(un, "pareto_front", pareto_spy)
+
+    class Shuffled(torch.nn.Module):  # registered in neither forward nor reverse order; the forward runs l0 .. l5
+        def __init__(self):
+            super().__init__()
+            for i in (2, 5, 0, 3, 1, 4):
+                self.add_module(f"l{i}", torch.nn.Linear(6, 3 if i == 5 else 6))
+
+        def forward(self, x):
+            for i in range(5):
+                x = torch.tanh(getattr(self, f"l{i}")(x))
+            return self.l5(x)
+
+    forward = [f"l{i}.weight" for i in range(6)]
+    longest = 0
+    for _ in range(20):  # fresh data until a front holds two layers or more: an order to check
+        kept_lists.clear()
+        backends.clear()
+        model = Shuffled()
+        forget, retain = batches(3, gen), batches(2, gen, size=7)
+        res = slug_fast.unlearn(model, forget, retain, lambda m: True, forget_loss=mse, retain_loss=mse,
+                                store="chunked", passes=3, backend="torch", apply=False, progress=False)
+        assert len(kept_lists) == 3 and set(backends) == {"torch"}
+        for seen, wanted in kept_lists:
+            usable = [n for n in seen.names if n in forward and seen.importance[seen.index(n)] > 0]
+            a, m = ([float(getattr(seen, c)[seen.index(n)]) for n in usable] for c in ("alignment", "importance"))
+            front = [n for i, n in enumerate(usable)
+                     if not any(a[j] < a[i] and m[j] > m[i] for j in range(len(usable)))]
+            assert wanted == sorted(front, key=forward.index, reverse=True)
+        assert res.fronts == {"model": sorted(kept_lists[-1][1], key=list(res.stats.names).index)}
+        longest = max(longest, *(len(w) for _, w in kept_lists))
+        if longest >= 2:
+            break
+    assert longest >= 2
