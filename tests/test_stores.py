@@ -734,3 +734,22 @@ def test_the_chunked_store_keeps_the_running_fronts_deepest_first_and_honours_ba
         if longest >= 2:
             break
     assert longest >= 2
+
+
+def test_unlearn_reports_the_full_stores_counted_gradient_peak_and_its_phase_times(gen):
+    """memory.gradient_peak_bytes is the full store's own count (the same pass run by hand);
+    each phase's seconds is a duration within the call, the phases within the total."""
+    import time
+
+    model, forget, retain = gradient_sets(gen)
+    start = time.perf_counter()
+    res = slug_fast.unlearn(model, forget, retain, lambda m: True, forget_loss=mse, retain_loss=mse, store="full",
+                            apply=False, progress=False)
+    wall = time.perf_counter() - start
+    by_hand = FullStore()
+    slug_fast.compute_gradients(model, forget, retain, mse, params=list(res.stats.names), progress=False,
+                                store=by_hand)
+    assert by_hand.peak_bytes > 0 and res.memory.gradient_peak_bytes == by_hand.peak_bytes
+    phases = [res.seconds[p] for p in ("gradients", "select", "search")]
+    assert all(isinstance(s, float) and 0 <= s <= res.seconds["total"] for s in phases)
+    assert sum(phases) <= res.seconds["total"] <= wall
