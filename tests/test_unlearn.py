@@ -1,5 +1,6 @@
 """unlearn end to end on a tiny open_clip model (the digits mini-CLIP), deltas and bad input."""
 import dataclasses
+import importlib
 import json
 import re
 
@@ -332,3 +333,208 @@ def test_select_candidates_by_strategy_and_group():
         select_candidates(fronts, "fastest", usable, alone)
     with pytest.raises(SlugError, match="needs the layers' depth order"):
         select_candidates(fronts, "deepest", usable, alone)
+
+
+def test_a_bare_module_needs_both_losses_else_the_error_names_its_type():
+    """The generic adapter is picked only for an nn.Module given both losses; else the error
+    names the model's own type and what to pass, before any batch is read."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(3, 2, bias=False))
+
+    def loss(m, x):
+        return m(x).sum()
+
+    def untouchable():
+        raise AssertionError("a batch was read")
+        yield
+
+    message = "unknown model type torch.nn.modules.container.Sequential; pass adapter="
+    for losses in ({}, dict(forget_loss=loss), dict(retain_loss=loss)):
+        with pytest.raises(SlugError, match=re.escape(message)) as err:
+            slug_fast.unlearn(net, untouchable(), [torch.ones(1, 3)], lambda m: True, progress=False, **losses)
+        assert "forget_loss= and retain_loss=" in str(err.value)
+    from slug_fast.adapters import GenericAdapter
+    from slug_fast.unlearn import prepare
+
+    target = prepare(net, adapter=None, forget_loss=loss, retain_loss=loss, params=None, towers=None, tower=None,
+                     eligible=None, group=None, adapter_options={})
+    assert type(target.adapter) is GenericAdapter and target.adapter.target is net
+    assert target.names == ["0.weight", "1.weight"]
+
+
+def _hand_stats(names, params, forget, alignment=None, importance=None):
+    """LayerStats for `names` from tensors: float64 norms of `params` and of the `forget` directions."""
+    from slug_fast.stats import LayerStats
+
+    def norms(ts):
+        return torch.tensor([float(torch.linalg.vector_norm(t.double())) for t in ts], dtype=torch.float64)
+
+    p, f = norms(params), norms(forget)
+    zeros = torch.zeros(len(names), dtype=torch.float64)
+    return LayerStats(list(names), p, f, zeros, zeros.clone(),
+                      importance if importance is not None else f / p,
+                      alignment if alignment is not None else zeros.clone(), "torch")
+
+
+def test_tower_fronts_passes_torch_on_and_any_other_backend_as_auto(monkeypatch):
+    """tower_fronts asks pareto_front for its "torch" reference only when backend is "torch",
+    and for "auto" otherwise (the front's one kernel is the CPU one); each tower's front holds
+    the members no other member dominates."""
+    import inspect
+
+    unlearn_mod = importlib.import_module("slug_fast.unlearn")  # the module, not the function
+    from slug_fast.pareto import pareto_front
+
+    names = ["a", "b", "c", "d"]
+    # alignment low and importance high is better: b dominates a; c and d are traded off against b
+    alignment = torch.tensor([0.5, 0.2, 0.1, 0.9], dtype=torch.float64)
+    importance = torch.tensor([1.0, 2.0, 1.5, 3.0], dtype=torch.float64)
+    stats = _hand_stats(names, [torch.ones(2, 2)] * 4, [torch.ones(2, 2)] * 4, alignment, importance)
+    default = inspect.signature(pareto_front).parameters["backend"].default
+    asked = []
+
+    def spy(a, m, backend=default):
+        asked.append(backend)
+        return pareto_front(a, m, backend=backend)
+
+    monkeypatch.setattr(unlearn_mod, "pareto_front", spy)
+    towers = {"x": ["a", "b", "c"], "y": ["d", "a"]}
+    for backend, wanted in (("torch", "torch"), ("auto", "auto"), ("cpp", "auto"), ("triton", "auto")):
+        asked.clear()
+        fronts = unlearn_mod.tower_fronts(stats, towers, backend)
+        assert asked == [wanted, wanted], backend
+        assert fronts == {"x": ["b", "c"], "y": ["d", "a"]}
+
+
+def test_edit_inputs_moves_each_direction_to_its_tensors_device():
+    """Each direction goes to the device of the tensor it edits (a meta tensor stands in for
+    another device), keyed by the edited tensor's key; the tensors themselves are passed as they are."""
+    from slug_fast.unlearn import edit_inputs
+
+    on_meta = torch.nn.Parameter(torch.empty(2, 3, device="meta"))
+    on_cpu = torch.nn.Parameter(torch.zeros(2, 3))
+    d = torch.arange(6.0).reshape(2, 3)
+    params, moves = edit_inputs({"mirror": (on_meta, "w"), "w": (on_cpu, "w")}, {"w": d})
+    assert params["mirror"] is on_meta and params["w"] is on_cpu and list(params) == list(moves) == ["mirror", "w"]
+    assert moves["mirror"].device.type == "meta" and moves["mirror"].shape == d.shape
+    assert moves["w"].device.type == "cpu" and torch.equal(moves["w"], d)
+
+
+def test_scaled_step_rounds_as_layer_edit_float64_for_float64_parameters():
+    """step * d in float64 for a float64 parameter (exactly the float64 product), else in float32:
+    the float32 rounding of the exact product of step and d as float32 values (LayerEdit's own rounding)."""
+    from slug_fast.edit import LayerEdit
+    from slug_fast.unlearn import scaled_step
+
+    gen = torch.Generator().manual_seed(0)
+    d64 = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    step = 0.1
+    out = scaled_step(d64, step, torch.float64)
+    assert out.dtype == torch.float64 and torch.equal(out, step * d64)
+    assert not torch.equal(out, (step * d64).float().double())  # float32 would have lost bits
+    step32 = torch.tensor(step, dtype=torch.float32).double()  # step rounded to float32, held exactly
+    oracle = (step32 * d64.float().double()).float()  # an exact float64 product, then one rounding
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for d in (d64, d64.float()):
+            out = scaled_step(d, step, dtype)
+            assert out.dtype == torch.float32 and torch.equal(out, oracle), (dtype, d.dtype)
+    for dtype, d in ((torch.float64, d64), (torch.float32, d64.float())):  # LayerEdit from zero gives the same
+        w = torch.nn.Parameter(torch.zeros(5, 7, dtype=dtype))
+        with LayerEdit({"w": w}, {"w": d}) as edit:
+            edit.step(step)
+            assert torch.equal(w.detach(), scaled_step(d, step, dtype))
+
+
+def _candidate_setup():
+    """A 3-layer generic model, its forget directions and hand-made stats."""
+    from slug_fast.adapters import GenericAdapter
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4), torch.nn.Tanh(),
+                              torch.nn.Linear(4, 2))
+    names = ["0.weight", "2.weight", "4.weight"]
+    named = dict(net.named_parameters())
+    gen = torch.Generator().manual_seed(1)
+    directions = {n: 3.0 * torch.randn(named[n].shape, generator=gen) for n in names}
+    stats = _hand_stats(names, [named[n].detach() for n in names], [directions[n] for n in names])
+    x = torch.randn(6, 4, generator=gen)
+    with torch.no_grad():
+        out0 = net(x)
+
+    def moved(model):  # holds once the output moved by 0.05 (reached within a few evaluations)
+        with torch.no_grad():
+            return bool((model(x) - out0).abs().max() > 0.05)
+
+    return net, GenericAdapter(net), names, directions, stats, moved
+
+
+def test_search_candidate_reports_the_relative_change_of_its_layers_and_logs_it(caplog):
+    """relative_change = step * ||g_f|| / ||theta|| over the candidate's layers only (other layers'
+    norms do not count), the model is restored, and the log names the layers and the step
+    (or that the criterion was not reached)."""
+    from slug_fast.unlearn import search_candidate
+
+    net, ad, names, directions, stats, moved = _candidate_setup()
+    before = params_of(net)
+    named = dict(net.named_parameters())
+    for layers in (["2.weight"], ["0.weight", "4.weight"]):
+        theta = torch.linalg.vector_norm(torch.cat([named[n].detach().double().flatten() for n in layers]))
+        g = torch.linalg.vector_norm(torch.cat([directions[n].double().flatten() for n in layers]))
+        with caplog.at_level("INFO", logger="slug_fast"):
+            caplog.clear()
+            c = search_candidate(ad, "model", layers, directions, stats, moved, None, 8, "torch", False)
+        assert c.search.reached and c.layers == layers and c.tower == "model" and c.utility is None
+        assert c.search.start == pytest.approx(0.1 * float(theta / g), rel=1e-12)  # SLUG's start: 10% of ||theta||
+        assert c.relative_change == pytest.approx(c.search.step * float(g / theta), rel=1e-12)
+        assert f"layers {layers}: step {c.search.step:.4g}" in [r.getMessage() for r in caplog.records]
+        assert all(torch.equal(p.detach(), before[n]) for n, p in net.named_parameters())
+    with caplog.at_level("INFO", logger="slug_fast"):
+        caplog.clear()
+        c = search_candidate(ad, "model", ["2.weight"], directions, stats, lambda m: False, None, 3, "torch", False)
+    assert not c.search.reached and c.relative_change is None and len(c.search.trace) == 3
+    assert "layers ['2.weight']: criterion not reached" in [r.getMessage() for r in caplog.records]
+
+
+def test_search_candidate_edits_with_its_backend_and_replays_as_cache_says(monkeypatch):
+    """The LayerEdit gets the backend; cache True (the default) replays upstream with bit-identical
+    outputs (no Linear products), "linear" also caches the edited Linear's products, False or
+    None evaluates plainly; the replay holds at most cache_bytes; every mode finds the same step."""
+    unlearn_mod = importlib.import_module("slug_fast.unlearn")  # the module, not the function
+    from slug_fast.edit import LayerEdit
+    from slug_fast.replay import DEFAULT_MAX_BYTES, upstream_replay
+
+    net, ad, names, directions, stats, moved = _candidate_setup()
+    edits, replays = [], []
+
+    class SpyEdit(LayerEdit):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            edits.append(self)
+
+    def spy_replay(*args, **kwargs):
+        replays.append(upstream_replay(*args, **kwargs))
+        return replays[-1]
+
+    monkeypatch.setattr(unlearn_mod, "LayerEdit", SpyEdit)
+    monkeypatch.setattr(unlearn_mod, "upstream_replay", spy_replay)
+    layers = ["2.weight"]
+
+    def search(*args, **kwargs):
+        edits.clear()
+        replays.clear()
+        c = unlearn_mod.search_candidate(ad, "model", layers, directions, stats, moved, None, 8, "torch",
+                                         *args, **kwargs)
+        assert len(edits) == 1 and edits[0].backend == "torch" and edits[0].used_backend == "torch"
+        return c
+
+    plain = search(False)
+    assert replays == []
+    assert search(None).search.step == plain.search.step and replays == []
+    assert search().search.step == plain.search.step  # the default replays
+    (replay,), = [replays]
+    assert replay.edit is edits[0] and replay.linear is False and replay.budget.limit == DEFAULT_MAX_BYTES
+    assert replay.stats()["linears"] == {}
+    search("linear", 12345)
+    (replay,), = [replays]
+    assert replay.linear is True and replay.budget.limit == 12345 and list(replay.stats()["linears"]) == ["2"]
+    search(True, 4321)
+    assert replays[0].linear is False and replays[0].budget.limit == 4321
