@@ -1,6 +1,7 @@
 """Deltas, reports and saved models are written all or nothing, and read back checked."""
 import copy
 import json
+import linecache
 import os
 import random
 import re
@@ -738,6 +739,9 @@ def test_delta_config_of_any_json_and_a_newer_minor_version(tmp_path):
     mutated = Path(delta_mod.__file__).parent.parent.name == "mutants"
     caller = sys.modules["mutmut.mutation.trampoline"].__file__ if mutated else __file__
     assert caught[0].filename == caller
+    # and at the calling line: the call above, or the trampoline's call of the (mutated) method
+    called = linecache.getline(caught[0].filename, caught[0].lineno)
+    assert ("_func(*call_args" if mutated else "DeltaConfig.from_dict({**cfg, \"version\": \"1.9\"") in called
     assert newer.version == "1.9" and newer.extra == {"future": True}
 
 
@@ -773,3 +777,24 @@ def test_a_plain_delta_saved_over_a_revertible_one_takes_its_originals_away(tmp_
     assert sorted(os.listdir(path)) == sorted([TENSORS_FILE, CONFIG_FILE])  # no stale original.safetensors
     with pytest.raises(DeltaError, match="saved without its original tensors"):
         slug_fast.revert_delta(model, path)
+
+
+def test_applied_is_a_new_contiguous_tensor_on_the_originals_device():
+    """applied(original, delta) for a transposed (non-contiguous) weight: a new contiguous
+    tensor of the original's dtype holding original + delta (values on a 1/8 grid, so the sum
+    is exact in every dtype and the float64 oracle is the answer), the original untouched; a
+    delta on another device is moved to the original's (the meta device stands in for a GPU)."""
+    from slug_fast.delta import applied
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        base = (torch.randint(-100, 100, (3, 5), generator=g) / 8).to(dtype)
+        original = base.t()
+        delta = torch.randint(-100, 100, (5, 3), generator=g) / 8
+        out = applied(original, delta)
+        assert out.is_contiguous() and out.shape == (5, 3) and out.dtype == dtype
+        assert out.data_ptr() != original.data_ptr()
+        assert torch.equal(out, (original.double() + delta.double()).to(dtype))
+        assert torch.equal(original, base.t())
+    on_meta = applied(torch.empty(3, 5, device="meta").t(), torch.ones(5, 3))
+    assert on_meta.device.type == "meta" and on_meta.shape == (5, 3) and on_meta.is_contiguous()

@@ -196,3 +196,235 @@ def test_batch_fingerprint_sees_values_and_plain_leaves_not_other_objects():
     same_sum = _fingerprint({**batch, "x": torch.tensor([0.25, 0.75])})
     assert same_sum != fp  # a sum would not tell these apart
     assert _fingerprint({**batch, "caption": "a photo of Bob"}) != fp
+
+
+def test_sums_count_the_gradient_bytes_alive_at_each_moment():
+    """peak and held against a hand count (numel * element_size) of what is alive: the sums
+    kept, the gradient being added and what earlier passes left. A float32 gradient becomes
+    its own sum; a bfloat16 one is copied to a float32 sum while it is still alive."""
+    from slug_fast.gradients import Sums
+
+    a, b = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    a_f32, b_bf16, b_f32 = 12 * 4, 2 * 2, 2 * 4  # bytes of a's gradient, b's gradient, b's float32 sum
+    for before in (None, 1000):
+        sums = Sums({"a": a, "b": b}) if before is None else Sums({"a": a, "b": b}, held_before=before)
+        base = before or 0
+        assert (sums.held, sums.peak) == (base, base)
+        steps = [("a", torch.ones(3, 4), base + a_f32, base + a_f32),  # the gradient is the sum
+                 ("b", torch.ones(2, dtype=torch.bfloat16), base + a_f32 + b_f32, base + a_f32 + b_f32 + b_bf16),
+                 ("a", torch.ones(3, 4), base + a_f32 + b_f32, base + a_f32 + b_f32 + a_f32),  # added into a's sum
+                 ("b", torch.ones(2, dtype=torch.bfloat16), base + a_f32 + b_f32, base + 2 * a_f32 + b_f32)]
+        for name, grad, held, peak in steps:
+            sums.add(name, grad)
+            assert (sums.held, sums.peak) == (held, peak)
+        assert sums.held == base + sum(t.numel() * t.element_size() for t in sums.sums.values())
+        means = sums.means(2)
+        assert torch.equal(means["a"], torch.ones(3, 4)) and means["b"].dtype == torch.bfloat16
+
+
+def test_means_of_a_layer_without_gradient_are_contiguous_zeros_where_the_sums_live():
+    """A layer the loss never reached gets zeros of its shape and dtype, contiguous even for a
+    transposed parameter, on the parameter's device (host memory for the offload store's sums,
+    seen here with a parameter on the meta device standing in for a GPU)."""
+    from slug_fast.gradients import HostSums, Sums
+
+    w = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64).t())
+    assert not w.is_contiguous()
+    for sums in (Sums({"w": w}), HostSums({"w": w})):
+        z = sums.means(3)["w"]
+        assert z.is_contiguous() and z.shape == (4, 3) and z.dtype == torch.float64 and z.device == w.device
+        assert torch.count_nonzero(z) == 0 and not z.requires_grad
+    on_meta = torch.nn.Parameter(torch.empty(3, 4, device="meta"))
+    assert Sums({"w": on_meta}).means(1)["w"].device.type == "meta"
+    host = HostSums({"w": on_meta}).means(1)["w"]
+    assert host.device == torch.device("cpu") and torch.count_nonzero(host) == 0
+
+
+def test_forward_use_order_takes_the_first_use_of_a_weight_used_twice():
+    """w2 is used first (e = x @ w2) and again after w1 (x @ w1 @ w2): it comes before w1,
+    whichever branch of the sum the graph walk reaches first; ties (one node using two
+    parameters) keep the parameters' given order."""
+    from slug_fast.gradients import forward_use_order
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, generator=gen)
+    w1, w2 = (torch.nn.Parameter(torch.randn(3, 3, generator=gen)) for _ in range(2))
+    for late_first in (True, False):
+        e = x @ w2
+        late = (x @ w1) @ w2
+        loss = late.sum() + e.sum() if late_first else e.sum() + late.sum()
+        assert forward_use_order(loss, {"w1": w1, "w2": w2}) == ["w2", "w1"]
+        assert forward_use_order(loss, {"w2": w2, "w1": w1}) == ["w2", "w1"]
+    b = torch.nn.Parameter(torch.randn(3, generator=gen))
+    loss = torch.addmm(b, x, w1).sum()  # one node uses both
+    assert forward_use_order(loss, {"b": b, "w1": w1}) == ["b", "w1"]
+    assert forward_use_order(loss, {"w1": w1, "b": b}) == ["w1", "b"]
+
+
+def test_forward_use_order_reads_each_graph_node_once(monkeypatch):
+    """A residual chain has 2^depth paths from the loss to the input; the walk looks at each
+    edge of the graph once (counted through the getattr it calls on every child), so the
+    deep residual networks it is made for cost time linear in their size."""
+    from slug_fast import gradients
+
+    gen = torch.Generator().manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(3, 3, generator=gen) / 3) for _ in range(12)]
+    h = torch.randn(2, 3, generator=gen)
+    for w in ws:
+        h = h + torch.tanh(h @ w)
+    loss = h.sum()
+    edges, seen, stack = 0, {loss.grad_fn}, [loss.grad_fn]  # the graph's edges, each node expanded once
+    while stack:
+        for child, _ in stack.pop().next_functions:
+            if child is None:
+                continue
+            edges += 1
+            if not hasattr(child, "variable") and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    calls = []
+    monkeypatch.setattr(gradients, "getattr", lambda *a: calls.append(1) or getattr(*a), raising=False)
+    order = gradients.forward_use_order(loss, {f"w{i}": w for i, w in enumerate(ws)})
+    assert order == [f"w{i}" for i in range(12)]
+    assert 0 < len(calls) <= edges
+
+
+def either_loss(model, batch):
+    """The Net's loss; on a ("tail", x, y) batch it skips `inp`, so its use order puts inp first."""
+    kind, x, y = batch
+    if kind == "tail":
+        return ((model.out(torch.tanh(model.mid(x))) - y) ** 2).mean()
+    return mse(model, (x, y))
+
+
+def module_order(names):
+    return list(dict.fromkeys(n.split(".")[0] for n in names))
+
+
+def two_way_batches(gen, kinds):
+    return [(k, torch.randn(4, 6 if k == "full" else 12, generator=gen), torch.randn(4, 3, generator=gen))
+            for k in kinds]
+
+
+def test_depth_order_is_recorded_on_the_first_forget_batch_only_when_asked(gen):
+    """From the first forget batch (the whole net: unreached `unused` first, then input to
+    output), not a later forget batch nor the retain set (whose batches skip `inp`), and not
+    at all without order=True."""
+    from slug_fast.gradients import GradientPass, Sums
+
+    model = Net()
+    names = [n for n, _ in model.named_parameters()]
+    forget, retain = two_way_batches(gen, ["full", "tail"]), two_way_batches(gen, ["tail", "tail"])
+    assert module_order(names) == ["inp", "mid", "out", "unused"]
+    for order, expected in ((None, None), (False, None), (True, ["unused", "inp", "mid", "out"])):
+        run = GradientPass(model, forget, retain, either_loss, None, names, progress=False)
+        sinks = {"forget": Sums(run.params(names)), "retain": Sums(run.params(names))}
+        run.run(sinks) if order is None else run.run(sinks, order=order)
+        got = run.depth_order
+        assert (got if got is None else module_order(got)) == expected
+        assert run.counts == {"forget": 2, "retain": 2}
+    run = GradientPass(model, retain, forget, either_loss, None, names, progress=False)
+    run.run({"forget": Sums(run.params(names))}, order=True)
+    assert module_order(run.depth_order) == ["inp", "unused", "mid", "out"]  # the tail batch's order
+
+
+def test_gradients_report_the_forward_use_order_not_the_model_order(gen):
+    model = Net()
+    grads = slug_fast.compute_gradients(model, batches(2, gen), batches(1, gen), mse, progress=False)
+    assert module_order(grads.depth_order) == ["unused", "inp", "mid", "out"]
+    assert sorted(grads.depth_order) == sorted(grads.names)
+
+
+class Reshuffled:
+    """A re-iterable that gives its batches in another order each time (a shuffling loader)."""
+
+    def __init__(self, data):
+        self.data, self.reads = data, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):  # counts the reads that get as far as a batch
+        self.reads += 1
+        yield from (self.data if self.reads % 2 else self.data[::-1])
+
+
+def test_a_pass_checks_that_sets_repeat_only_once_asked_to(gen):
+    """Without require_repeats a set may come back in another order (the mean does not
+    care); once a store needs the sets to repeat, a change is refused."""
+    from slug_fast.gradients import GradientPass, Sums
+
+    model = Net()
+    data = batches(3, gen)
+    forget = Reshuffled(data)
+    run = GradientPass(model, forget, None, mse, None, ["mid.weight"], progress=False)
+    means = []
+    for _ in range(2):
+        sums = Sums(run.params(["mid.weight"]))
+        run.run({"forget": sums})
+        means.append(sums.means(run.counts["forget"])["mid.weight"])
+    assert forget.reads == 2  # read once in each order
+    expected = oracle_mean_grad(model, data, ["mid.weight"])["mid.weight"]
+    for m in means:
+        torch.testing.assert_close(m.double(), expected, rtol=1e-5, atol=1e-7)
+    run.require_repeats()
+    run.run({"forget": Sums(run.params(["mid.weight"]))})
+    with pytest.raises(SlugError, match="the forget batches differ from the first pass at batch 0"):
+        run.run({"forget": Sums(run.params(["mid.weight"]))})
+
+
+def test_a_loss_that_is_not_a_tensor_is_named_by_its_type(gen):
+    model = Net()
+    for value, kind in ((1.5, "float"), (None, "NoneType"), ([1.0], "list")):
+        with pytest.raises(SlugError, match=f"^forget loss must return a scalar tensor, got {kind}$"):
+            slug_fast.compute_gradients(model, batches(1, gen), None, lambda m, b, v=value: v, progress=False)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_params_may_name_a_single_parameter(gen):
+    from slug_fast.gradients import resolve_params
+
+    model = Net()
+    assert resolve_params(model, "mid.weight") == ["mid.weight"]
+    grads = slug_fast.compute_gradients(model, batches(1, gen), None, mse, params="out.bias", progress=False)
+    assert grads.names == ["out.bias"] and list(grads.forget) == ["out.bias"]
+
+
+class FakeTTY:
+    """A stderr that says it is a terminal and keeps what is written."""
+
+    def __init__(self, tty):
+        self.tty, self.parts = tty, []
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, s):
+        self.parts.append(s)
+
+    def flush(self):
+        pass
+
+    @property
+    def text(self):
+        return "".join(self.parts)
+
+
+@pytest.mark.parametrize("progress, tty, shown", [(True, False, True), (True, True, True), (False, True, False),
+                                                  (False, False, False), (None, True, True), (None, False, False)])
+def test_progress_bars_for_each_set_shown_as_asked_and_cleared(gen, monkeypatch, progress, tty, shown):
+    """progress=True shows a bar per set even off a terminal, False never, None only on a
+    terminal; each bar names its set, counts its batches and is cleared when done."""
+    import sys
+
+    err = FakeTTY(tty)
+    monkeypatch.setattr(sys, "stderr", err)
+    slug_fast.compute_gradients(Net(), batches(2, gen), batches(3, gen), mse, progress=progress)
+    text = err.text
+    if not shown:
+        assert text == ""
+        return
+    assert "forget gradients:" in text and "retain gradients:" in text
+    assert "0/2" in text and "0/3" in text
+    assert text.index("forget gradients") < text.index("retain gradients")
+    assert "\n" not in text and text.endswith("\r")  # leave=False: each bar erased, no line left behind

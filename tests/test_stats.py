@@ -326,3 +326,25 @@ def test_statistics_of_hand_made_sums():
     assert stats.importance.tolist() == [0.5, 0.0, 0.0, 0.5, 2.0]
     assert stats.alignment.tolist() == [0.5, 1.0, 0.0, 0.0, 1.0]
     assert stats.dot.tolist() == [-3.0, 6.0, 0.0, 0.0, 2.5] and stats.param_norm.tolist() == [4.0, 0.0, 4.0, 4.0, 1.0]
+
+
+def test_empty_input_reports_the_backend_asked_for():
+    """No layer: nothing runs, but the backend reported is the one the call chose, and an
+    unknown one is refused as for any input."""
+    assert layer_sums({}, {}, backend="torch")[1] == "torch"
+    assert slug_fast.layer_stats({}, {}, backend="torch").backend == "torch"
+    with pytest.raises(SlugError, match="unknown backend 'nope'"):
+        layer_sums({}, {}, backend="nope")
+
+
+def test_a_non_finite_dot_alone_is_blamed_on_the_retain_gradient():
+    """The 4th column (sum g_f * g_r) is reported as the retain gradient's when the squares
+    are finite (a table the kernels could give at the edge of float64), and left out when a
+    square already names the layer."""
+    inf, nan = float("inf"), float("nan")
+    with pytest.raises(NonFiniteError, match=r"^NaN or Inf in retain gradient of 'b'; check"):
+        _check_finite(["a", "b"], torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, nan]], dtype=torch.float64),
+                      True)
+    with pytest.raises(NonFiniteError, match=r"^NaN or Inf in forget gradient of 'a', retain gradient of 'b'; check"):
+        _check_finite(["a", "b"], torch.tensor([[1.0, inf, 1.0, inf], [1.0, 2.0, 3.0, -inf]], dtype=torch.float64),
+                      True)
