@@ -68,8 +68,6 @@ class Sums:
         size = grad.numel() * grad.element_size()
         if acc is None:
             acc = self.sums[name] = grad.to(sum_dtype(grad.dtype))
-            if acc is not grad:
-                self.peak = max(self.peak, self.held + size)
             self.held += acc.numel() * acc.element_size()
         else:
             acc.add_(grad)
@@ -288,8 +286,7 @@ class GradientPass:
         prints = []
         count = 0
         try:
-            total = len(batches) if hasattr(batches, "__len__") else None
-            for batch in tqdm(batches, total=total, desc=f"{which} gradients",
+            for batch in tqdm(batches, desc=f"{which} gradients",  # tqdm takes len(batches) when it has one
                               disable=None if self.progress is None else not self.progress, leave=False):
                 if self.repeats:
                     fp = _fingerprint(batch)

@@ -156,7 +156,7 @@ def layer_sums(params: Mapping[str, torch.Tensor], forget_grads: Mapping[str, to
     with torch.no_grad():
         sums, chosen = _backends.run("layer_sums", device, backend, sums_reference, p_list, f_list, retain)
     sums = sums.cpu()
-    _check_finite(names, sums, retain is not None)
+    _check_finite(names, sums)
     return sums, chosen
 
 
@@ -171,7 +171,7 @@ def stats_from_sums(names: list[str], sums: torch.Tensor, backend: str) -> Layer
     return LayerStats(list(names), param_norm, forget_norm, retain_norm, dot, importance, alignment, backend)
 
 
-def _check_finite(names: list[str], sums: torch.Tensor, has_retain: bool) -> None:
+def _check_finite(names: list[str], sums: torch.Tensor) -> None:
     bad = ~torch.isfinite(sums)
     if not bool(bad.any()):
         return

@@ -428,3 +428,29 @@ def test_progress_bars_for_each_set_shown_as_asked_and_cleared(gen, monkeypatch,
     assert "0/2" in text and "0/3" in text
     assert text.index("forget gradients") < text.index("retain gradients")
     assert "\n" not in text and text.endswith("\r")  # leave=False: each bar erased, no line left behind
+
+
+def test_a_dataloader_over_an_iterable_dataset_without_a_length(gen):
+    """A DataLoader whose dataset is iterable-only has __len__ but raises TypeError from it;
+    the pass reads it all the same, and its means are those of the same batches in a list."""
+    forget, retain = batches(3, gen), batches(2, gen)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __init__(self, items):
+            self.items = items
+
+        def __iter__(self):
+            return iter(self.items)
+
+    def loader(items):
+        return torch.utils.data.DataLoader(Stream(items), batch_size=None)
+
+    with pytest.raises(TypeError):
+        len(loader(forget))
+    model = Net()
+    want = slug_fast.compute_gradients(model, forget, retain, mse, progress=False)
+    got = slug_fast.compute_gradients(model, loader(forget), loader(retain), mse, progress=True)
+    assert got.n_forget_batches == 3 and got.n_retain_batches == 2
+    for which in ("forget", "retain"):
+        for n in want.names:
+            assert torch.equal(getattr(got, which)[n], getattr(want, which)[n])
