@@ -7,6 +7,9 @@ block on is recomputed with the same weights. Where an edited nn.Linear runs as
 features are compared with allclose at float32 tolerance. Accuracies are compared exactly.
 """
 import importlib
+import logging
+from collections import OrderedDict
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,9 +24,11 @@ from slug_fast.demo import accuracies
 from slug_fast.edit import LayerEdit
 from slug_fast.eval import concept_criterion
 from slug_fast.replay import ByteBudget, RecordCache, find_stacks, upstream_replay
-from slug_fast.replay.hooks import HF_CHECKED, HF_COLLECTOR, HF_HOOK, HF_KEY, HF_MODULE, hf_probe_supported, \
-    inactive_hf_hook
-from slug_fast.replay.placeholders import Skipped
+from slug_fast.replay.hooks import HF_CHECKED, HF_COLLECTOR, HF_HOOK, HF_KEY, HF_MODULE, global_hooks, \
+    hf_probe_supported, inactive_hf_hook
+from slug_fast.replay.placeholders import Meta, Skipped, out_meta, placeholders
+from slug_fast.replay.stacks import Record, StackReplay, find_stems
+from slug_fast.replay.values import nbytes, numerics_key, replayable, same, stochastic, tensors
 
 RTOL, ATOL = 1e-5, 1e-5  # float32, features of unit norm
 STEPS = (0.15, 0.4, 0.15, 0.8)  # a step met again: recorded products are reused
@@ -1052,3 +1057,526 @@ def test_linear_cache_keeps_no_products_over_its_byte_budget():
                 check(model(x), F.linear(x, model[0].weight, model[0].bias), exact=False)
             stats = replay.stats()
     assert stats["linears"]["0"]["hits"] == 0 and stats["linears"]["0"]["misses"] == 3 and stats["bytes"] == 0
+
+
+# --------------------------------------------------------------------- the pieces, one function at a time
+
+
+def test_same_is_bit_identity_for_tensors_and_equality_of_the_exact_type_for_plain_values():
+    t = torch.arange(6.0).reshape(2, 3)
+    twin = t.clone()
+    big = 10.0 ** 300  # floats computed at run time: equal values, distinct objects
+    assert same(t, twin) and same(t, t) and not same(t, t + 1) and not same(t, t.double())
+    assert not same(t.t().contiguous(), t.t()) and not same(t.as_subclass(Marked), twin)
+    assert not same(twin, t.as_subclass(Marked)) and not same(t.as_subclass(Marked), t.as_subclass(Marked))
+    assert not same(t, 1.0) and not same(1.0, t) and not same(t, None) and not same(None, t)
+    assert same(None, None) and not same(None, 0) and not same(0, None) and not same(None, ())
+    assert same(big * 2, big * 2) and not same(big * 2, big * 3)
+    assert not same(0.0, -0.0) and not same(-0.0, 0.0) and same(-0.0, -1.0 * 0.0) and not same(1.0, 2.0)
+    assert same(7, 7) and not same(7, 8) and not same(1, 1.0) and not same(True, 1) and not same(1.0, 1)
+    assert same("ab", "a" + "b") and same(torch.float32, torch.float32) and not same(torch.float32, torch.float16)
+    assert same((1, big * 2, (t, None)), (1, big * 2, (twin, None))) and same([1, 2], [1, 2])
+    assert not same((1,), (1, 2)) and not same((1, 2), (1,)) and not same((1, 2), (1, 3)) and not same((1,), [1])
+    assert not same((t,), (t + 1,)) and not same((0.0,), (-0.0,)) and same((), ())
+    assert not same(object(), object()) and not same({}, {}) and not same(type, type)
+
+
+def test_replayable_accepts_plain_tensors_none_scalars_and_tuples_of_them_only():
+    t = torch.ones(2)
+    for ok in (t, None, True, 3, 2.5, 1j, "s", torch.float32, torch.device("cpu"), (t, (None, 1)), [t, 2], ()):
+        assert replayable(ok), ok
+    for no in (object(), {}, {"a": t}, t.as_subclass(Marked), (t, object()), [None, (1, t.to_sparse())],
+               torch.nn.Linear(1, 1)):
+        assert not replayable(no), no
+
+
+def test_tensors_and_nbytes_walk_tuples_lists_and_dicts():
+    a, b, c = torch.ones(3), torch.ones(2, dtype=torch.float64), torch.ones(5, dtype=torch.int8)
+    assert [id(t) for t in tensors((a, [None, (b,)], {"k": c, "n": 1}))] == [id(a), id(b), id(c)]
+    assert nbytes([a, [b], {"k": (c,)}]) == 3 * 4 + 2 * 8 + 5
+    assert list(tensors(3)) == [] and nbytes(None) == 0
+
+
+class Rated(torch.nn.Module):
+    """A module that is random in training mode through one of the conventional rate attributes."""
+
+    def __init__(self, attr, value):
+        super().__init__()
+        setattr(self, attr, value)
+
+
+def test_stochastic_modules_in_their_current_mode():
+    for p, random in ((0.5, True), (0.0, False), (1.0, True)):
+        drop = torch.nn.Dropout(p)
+        assert stochastic(drop.train()) == random and not stochastic(drop.eval())
+    norm = torch.nn.BatchNorm1d(3)
+    assert stochastic(norm.train()) and not stochastic(norm.eval())
+    assert not stochastic(torch.nn.BatchNorm1d(3, track_running_stats=False).train())
+    for attr in ("dropout", "drop_rate", "p", "drop_path"):
+        assert stochastic(Rated(attr, 0.5).train()) and not stochastic(Rated(attr, 0.5).eval())
+        assert not stochastic(Rated(attr, 0.0).train()) and not stochastic(Rated(attr, 1).train())  # 1: an int
+    assert stochastic(Rated("drop_prob", 2.0).train()) and not stochastic(Rated("rate", 0.5).train())
+    assert not stochastic(torch.nn.Linear(2, 2).train())
+
+
+@pytest.mark.parametrize("dev", ["cpu", "cuda"])
+def test_numerics_key_follows_autocast_of_each_device(dev):
+    """Autocast state of cpu and cuda can be switched (and read) on a machine without a GPU."""
+    enabled, dtype = torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+    base = numerics_key()
+    assert numerics_key() == base and dtype in base
+    try:
+        torch.set_autocast_enabled(dev, not enabled)
+        flipped = numerics_key()
+        torch.set_autocast_enabled(dev, enabled)
+        other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+        torch.set_autocast_dtype(dev, other)
+        retyped = numerics_key()
+    finally:
+        torch.set_autocast_enabled(dev, enabled)
+        torch.set_autocast_dtype(dev, dtype)
+    assert flipped != base and retyped != base and flipped != retyped and numerics_key() == base
+    assert len(flipped) == len(retyped) == len(base)
+
+
+def test_global_hooks_sees_either_kind_of_global_forward_hook():
+    assert not global_hooks()
+    for register in (torch.nn.modules.module.register_module_forward_hook,
+                     torch.nn.modules.module.register_module_forward_pre_hook):
+        handle = register(lambda *a: None)
+        try:
+            assert global_hooks()
+        finally:
+            handle.remove()
+        assert not global_hooks()
+
+
+def test_meta_and_out_meta_describe_plain_outputs_only():
+    t = torch.zeros(3, 2, dtype=torch.float64).t()
+    meta = Meta.of(t)
+    assert (meta.shape, meta.stride, meta.dtype, meta.device) == (torch.Size([2, 3]), (1, 2), torch.float64,
+                                                                   torch.device("cpu"))
+    u = torch.ones(4, dtype=torch.int16)
+    assert out_meta(t) == meta and out_meta((t, None, u)) == (meta, None, Meta.of(u))
+    for no in (t.as_subclass(Marked), (), (None, t), [t], (t, t.as_subclass(Marked)), (t, 3), (t, [u]), {"a": t},
+               None):
+        assert out_meta(no) is None, no
+    held = placeholders((meta, None, Meta.of(u)), None, 0)
+    assert held[1] is None and [type(h) for h in held[::2]] == [Skipped, Skipped]
+    assert (held[0].shape, held[0].stride(), held[0].dtype, held[2].dtype) == ((2, 3), (1, 2), torch.float64, u.dtype)
+
+
+def test_a_record_sees_its_tensors_changed_in_place():
+    x, y, out = torch.ones(2), torch.ones(3), torch.ones(4)
+    rec = Record((x, 1.0), {"y": y}, (), [], out)
+    rec.seal()
+    assert rec.intact() and rec.nbytes == 9 * 4
+    for t in (x, y, out):
+        t.add_(1)
+        assert not rec.intact()
+        rec.seal()
+        assert rec.intact()
+
+
+# --------------------------------------------------------------------- RecordCache counters
+
+
+def test_record_cache_counts_the_calls_and_hits_of_the_current_pass():
+    cache = RecordCache("x", ByteBudget(1000), patience=2)
+    run_pass(cache, 1, "abc")
+    assert (cache.pass_calls, cache.pass_hits) == (3, 0)
+    run_pass(cache, 2, "aXc")
+    assert (cache.pass_calls, cache.pass_hits) == (3, 2) and (cache.hits, cache.misses) == (2, 4)
+    cache.sync(3)
+    assert (cache.pass_calls, cache.pass_hits) == (0, 0)
+    cache.clear()
+    assert cache.records == [] and cache.cursor == 0 and cache.budget.used == 0 and cache.at_cursor() is None
+
+
+@pytest.mark.parametrize("gone", ["dropped", "broken"])
+def test_record_cache_looks_past_an_empty_or_broken_slot_at_the_cursor(gone):
+    cache = RecordCache("x", ByteBudget(1000), patience=2)
+    run_pass(cache, 1, "abc")
+    if gone == "dropped":
+        cache.records[1] = None
+        cache.budget.used -= 10
+    else:
+        cache.records[1].broken = True
+    cache.sync(2)
+    looked = []
+    assert lookup(cache, "a", looked).key == "a" and cache.cursor == 1
+    assert lookup(cache, "c", looked).key == "c"  # the slot at the cursor holds nothing usable: look on
+    assert looked == ["a", "a", "c"] and cache.records[1] is None  # the cursor, then the others in order
+    assert cache.budget.used == 20
+
+
+def test_record_cache_says_when_it_turns_off(caplog):
+    cache = RecordCache("blocks", ByteBudget(1000), patience=2)
+    with caplog.at_level(logging.DEBUG, logger="slug_fast"):
+        for token, keys in enumerate(("ab", "cd", "ef")):
+            run_pass(cache, token, keys)
+        assert not caplog.records
+        cache.sync(9)
+    assert cache.off
+    assert [r.getMessage() for r in caplog.records] == ["replay blocks: recorded calls never matched for 2 passes; off"]
+
+
+# --------------------------------------------------------------------- finding stacks and stems
+
+
+def linears(n, width=4):
+    return [torch.nn.Linear(width, width) for _ in range(n)]
+
+
+def test_find_stacks_keeps_the_outermost_stacks_of_each_branch():
+    nested = torch.nn.Sequential(torch.nn.Sequential(*linears(2)), torch.nn.Linear(4, 4))
+    assert [(n, m) for n, m in find_stacks(nested)] == [("", nested)]
+    model = torch.nn.Module()
+    model.a = torch.nn.ModuleList([torch.nn.Sequential(*linears(2)), torch.nn.ModuleList(linears(3))])
+    model.one = torch.nn.ModuleList(linears(1))  # a single child: no stack
+    model.named = torch.nn.Sequential(OrderedDict(first=torch.nn.Linear(4, 4), second=torch.nn.Linear(4, 4)))
+    model.b = torch.nn.ModuleList(linears(2))
+    assert [(n, m) for n, m in find_stacks(model)] == [("a", model.a), ("b", model.b)]
+
+
+def test_find_stems_branch_off_the_paths_to_stacks_and_edits_and_hold_no_edited_tensor():
+    model = torch.nn.Module()
+    model.embed = torch.nn.Linear(4, 4)
+    model.blocks = torch.nn.ModuleList(linears(2))
+    model.act = torch.nn.ReLU()  # no parameters: nothing to replay
+    model.proj = torch.nn.Module()
+    model.proj.lin = torch.nn.Linear(4, 4)  # edited
+    model.proj.norm = torch.nn.LayerNorm(4)  # a sibling of the edited module: a stem
+    model.tied = torch.nn.Module()
+    model.tied.shared = model.proj.lin  # the edited module again, under a second name
+    model.tied.scale = torch.nn.LayerNorm(4)
+    stems = find_stems(model, ["blocks"], {id(model.proj.lin.weight)})
+    assert [(n, m) for n, m in stems] == [("embed", model.embed), ("proj.norm", model.proj.norm)]
+    assert [n for n, _ in find_stems(model, ["blocks"], set())] == ["embed", "proj", "tied"]
+
+
+# --------------------------------------------------------------------- StackReplay, call by call
+
+
+class Owner:
+    """What a StackReplay reads from its UpstreamReplay: the budget, patience, edited ids and the token."""
+
+    def __init__(self, *edited):
+        self.budget, self.patience, self.edited_ids = ByteBudget(float("inf")), 2, {id(t) for t in edited}
+        self.moves = 0
+
+    def token(self):
+        return (self.moves,)
+
+
+def test_same_extras_compares_every_argument_but_the_chained_one():
+    t, obj = torch.arange(3.0), object()
+    s = SimpleNamespace(args=(torch.zeros(2), 1, t), kwargs={"k": 2.5, "o": obj})
+    big = 10.0 ** 300
+    s2 = SimpleNamespace(args=(None, big * 2), kwargs={})
+    assert StackReplay._same_extras(s, (torch.ones(2), 1, t.clone()), {"k": 2.5, "o": obj})
+    assert StackReplay._same_extras(s2, (torch.ones(2), big * 2), {})
+    assert not StackReplay._same_extras(s, (torch.ones(2), 1, t + 1), {"k": 2.5, "o": obj})
+    assert not StackReplay._same_extras(s, (torch.ones(2), 1), {"k": 2.5, "o": obj})  # one argument fewer
+    assert not StackReplay._same_extras(s, (torch.ones(2), 1, t), {"k": 2.5, "p": obj})  # another keyword
+    assert not StackReplay._same_extras(s, (torch.ones(2), 1, t), {"k": 2.5, "o": object()})
+    assert not StackReplay._same_extras(s2, (None, big * 3), {})
+
+
+class NoneFirst(torch.nn.Module):
+    """A parameter slot left empty before the real weight (as optional biases are registered)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_parameter("shift", None)
+        self.weight = torch.nn.Parameter(torch.randn(4, 4))
+        self.register_buffer("mask", torch.ones(4))
+
+    def forward(self, x):
+        return x @ self.weight * self.mask
+
+
+def test_region_ok_reports_training_flags_and_refuses_edited_tensors():
+    torch.manual_seed(0)
+    stack = torch.nn.Sequential(torch.nn.Linear(4, 4), NoneFirst(), torch.nn.Linear(4, 4))
+    stack[0].train()
+    stack[1].eval()
+    assert StackReplay(Owner(), "s", stack, 2)._region_ok() == (True, False)
+    assert StackReplay(Owner(stack[0].bias), "s", stack, 2)._region_ok() is None
+    assert StackReplay(Owner(stack[1].weight), "s", stack, 2)._region_ok() is None  # after an empty slot
+    assert StackReplay(Owner(stack[1].mask), "s", stack, 2)._region_ok() is None
+    assert StackReplay(Owner(stack[2].weight), "s", stack, 2)._region_ok() == (True, False)
+
+
+def test_region_ok_drops_the_records_when_an_upstream_tensor_changes(caplog):
+    torch.manual_seed(0)
+    stack = torch.nn.Sequential(torch.nn.Linear(4, 4), NoneFirst(), torch.nn.Linear(4, 4))
+    replay = StackReplay(Owner(), "tower", stack, 2)
+    with caplog.at_level(logging.DEBUG, logger="slug_fast"):
+        assert replay._region_ok() is not None
+        replay.cache.store(Rec("a"))
+        assert replay._region_ok() is not None and len(replay.cache.records) == 1
+        assert not caplog.records  # the first look records the tensors: nothing had changed
+        with torch.no_grad():
+            stack[1].mask.mul_(2)  # a buffer after an empty parameter slot, written in place
+        assert replay._region_ok() is not None
+    assert replay.cache.records == []
+    assert [r.getMessage() for r in caplog.records] == ["replay tower: upstream tensors changed; records dropped"]
+
+
+class Shifted(torch.nn.Module):
+    """Adds a shift between blocks 0 and 1: block 1 is not given what block 0 returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(linears(3))
+
+    def forward(self, x, shift):
+        h = self.blocks[0](x)
+        return self.blocks[2](self.blocks[1](h + shift))
+
+
+def test_a_loop_that_does_not_chain_the_blocks_runs_them_for_real():
+    torch.manual_seed(0)
+    model, x = Shifted().eval(), torch.randn(3, 4)
+    shifts = (0.0, 1.0, 0.0, 2.0)
+    with LayerEdit(model, {"blocks.2.weight": direction_for(model.blocks[2].weight, 20)}) as edit:
+        want = []
+        with torch.no_grad():
+            for shift in shifts:
+                want.append(model(x, shift))
+            with upstream_replay(model, edit) as replay:
+                results = [model(x, shift) for shift in shifts]
+                stack = replay.stats()["stacks"]["blocks"]
+    assert all(torch.equal(g, w) for g, w in zip(results, want))
+    assert stack["boundary"] == 2 and stack["hits"] == 0  # block 0 recorded, the call never completed
+
+
+class Tagged(torch.nn.Linear):
+    """Takes a tag it ignores, positionally or by keyword."""
+
+    def forward(self, x, tag=None):
+        return super().forward(x)
+
+
+class TaggedStack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Tagged(4, 4) for _ in range(3))
+
+    def forward(self, x, tag, keyword):
+        for block in self.blocks:
+            x = block(x, tag=tag) if keyword else block(x, tag)
+        return x
+
+
+@pytest.mark.parametrize("keyword", [False, True], ids=["positional", "keyword"])
+def test_calls_with_an_argument_that_cannot_be_compared_are_counted_as_bypassed(keyword):
+    torch.manual_seed(0)
+    model, x = TaggedStack().eval(), torch.randn(3, 4)
+    with LayerEdit(model, {"blocks.2.weight": direction_for(model.blocks[2].weight, 21)}) as edit, torch.no_grad():
+        edit.step(0.3)
+        want = model(x, None, keyword)
+        with upstream_replay(model, edit) as replay:
+            unknown = [model(x, object(), keyword) for _ in range(3)]
+            named = [model(x, "name", keyword) for _ in range(3)]
+            stack = replay.stats()["stacks"]["blocks"]
+    assert all(torch.equal(g, want) for g in unknown + named)
+    assert (stack["bypassed"], stack["misses"], stack["hits"]) == (3, 1, 2)
+
+
+class ModeScaled(torch.nn.Linear):
+    """Computes something else in training mode, without being random."""
+
+    def forward(self, x):
+        return super().forward(x) * (3.0 if self.training else 1.0)
+
+
+def test_a_call_in_another_training_mode_is_not_replayed():
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(ModeScaled(4, 4), ModeScaled(4, 4), torch.nn.Linear(4, 4)).eval(), torch.randn(3, 4)
+    with LayerEdit(model, {"2.weight": direction_for(model[2].weight, 22)}) as edit, torch.no_grad():
+        edit.step(0.3)
+        want_eval = model(x)
+        model[0].train()
+        want_train = model(x)
+        model[0].eval()
+        with upstream_replay(model, edit) as replay:
+            got = [model(x), model(x)]
+            model[0].train()
+            got += [model(x), model(x)]
+            model[0].eval()
+            got.append(model(x))
+            stack = replay.stats()["stacks"][""]
+    assert not torch.equal(want_eval, want_train)
+    assert all(torch.equal(g, w) for g, w in zip(got, [want_eval] * 2 + [want_train] * 2 + [want_eval]))
+    assert (stack["hits"], stack["misses"]) == (3, 2)  # one record per mode
+
+
+class ListOut(torch.nn.Linear):
+    """Returns its output in a list: nothing the replay can stand in for."""
+
+    def forward(self, x):
+        return [super().forward(x)]
+
+
+class ListStack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(ListOut(4, 4) for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)[0]
+        return x
+
+
+def test_blocks_called_on_their_own_between_calls_run_for_real():
+    """A caller may run one block by itself (a probe, a test) before, after or between model calls."""
+    model, x = sequential_and_input()
+    h = torch.randn(5, 12)
+    with LayerEdit(model, {"3.weight": direction_for(model[3].weight, 23)}) as edit, torch.no_grad():
+        edit.step(0.2)
+        want, want_block = model(x), model[2](h)
+        with upstream_replay(model, edit) as replay:
+            got = [model[2](h)]  # before any call
+            for _ in range(3):  # recorded, then replayed
+                got += [model(x), model[2](h), model[1](h)]
+            assert replay.stats()["stacks"][""]["hits"] == 2
+    assert all(torch.equal(g, w) for g, w in zip(got, [want_block] + [want, want_block, torch.tanh(h)] * 3))
+    torch.manual_seed(0)
+    listed, x = ListStack().eval(), torch.randn(3, 4)
+    with LayerEdit(listed, {"blocks.2.weight": direction_for(listed.blocks[2].weight, 24)}) as edit, \
+            torch.no_grad():
+        edit.step(0.2)
+        want = listed(x)
+        with upstream_replay(listed, edit) as replay:
+            got = [listed(x) for _ in range(3)]
+            stack = replay.stats()["stacks"]["blocks"]
+    assert all(torch.equal(g, want) for g in got) and (stack["hits"], stack["misses"]) == (0, 3)
+
+
+def test_stack_replay_can_be_removed_twice_and_installed_again():
+    model, x = sequential_and_input()
+    h = torch.randn(5, 12)
+    with torch.no_grad():
+        want, want_block = model(x), model[2](h)
+        replay = StackReplay(Owner(), "", model, 3)
+        for _ in range(2):
+            replay.install()
+            assert not no_patches(model)
+            assert torch.equal(model(x), want) and torch.equal(model(x), want)
+            replay.remove()
+            replay.remove()
+            assert no_patches(model) and replay.cache.records == []
+        replay.install()
+        got = model[2](h)  # the first call after installing again: a later block on its own
+        replay.remove()
+    assert torch.equal(got, want_block) and replay.cache.hits == 2
+
+
+def test_a_block_wrapped_by_another_replay_or_wrapper_refuses_a_second_one():
+    model, x = sequential_and_input()
+    with LayerEdit(model, {"3.weight": direction_for(model[3].weight, 25)}) as edit, torch.no_grad():
+        edit.step(0.2)
+        want = model(x)
+        with upstream_replay(model, edit) as replay:
+            model(x)
+            with pytest.raises(slug_fast.SlugError, match="block .0 already has an instance forward"):
+                with upstream_replay(model, edit):
+                    pass
+            assert torch.equal(model(x), want) and replay.stats()["stacks"][""]["hits"] == 1
+        assert no_patches(model)
+
+
+class StemAndStack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 4)
+        self.blocks = torch.nn.ModuleList(linears(3))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_failed_install_restores_what_was_installed_before_it():
+    torch.manual_seed(0)
+    model = StemAndStack().eval()
+    wrapped = model.embed.forward
+    model.embed.forward = wrapped  # another wrapper on the stem, installed after the stack
+    with LayerEdit(model, {"blocks.2.weight": direction_for(model.blocks[2].weight, 26)}) as edit:
+        replay = upstream_replay(model, edit)
+        with pytest.raises(slug_fast.SlugError, match="block embed.0 already has an instance forward"):
+            replay.__enter__()
+    assert all("forward" not in b.__dict__ for b in model.blocks) and model.embed.__dict__["forward"] is wrapped
+
+
+def test_an_upstream_replay_is_entered_once_at_a_time_and_can_be_entered_again():
+    model, x = sequential_and_input()
+    with LayerEdit(model, {"3.weight": direction_for(model[3].weight, 27)}) as edit, torch.no_grad():
+        edit.step(0.2)
+        want = model(x)
+        replay = upstream_replay(model, edit, max_bytes=None)
+        assert replay.budget.limit == float("inf")
+        assert replay.stats() == {"bytes": 0, "peak_bytes": 0, "stacks": {}, "stems": {}, "linears": {}}
+        for _ in range(2):
+            with replay:
+                with pytest.raises(slug_fast.SlugError, match="already active"):
+                    replay.__enter__()
+                assert torch.equal(model(x), want) and torch.equal(model(x), want)
+                assert replay.stats()["stacks"][""]["hits"] == 1 and replay.stats()["bytes"] > 0
+            assert no_patches(model)
+
+
+def test_linear_caches_only_edited_weights_of_the_model_given_whose_bias_is_not_edited():
+    torch.manual_seed(0)
+    full = torch.nn.Module()
+    full.other = torch.nn.Linear(4, 4)
+    full.a = torch.nn.Sequential(*linears(4))
+    x = torch.randn(3, 4)
+    params = dict(full.named_parameters())
+    names = ("other.weight", "a.1.weight", "a.1.bias", "a.3.weight")  # `other` is outside the replayed model
+    with LayerEdit(full, {n: direction_for(params[n], i) for i, n in enumerate(names)}) as edit, torch.no_grad():
+        plain, got, stats = run_steps(full.a, edit, lambda: full.a(x), STEPS, linear=True)
+    for g, w in zip(got, plain):
+        check(g, w, exact=False)
+    assert list(stats["linears"]) == ["3"] and stats["stacks"][""]["boundary"] == 1
+
+
+def test_an_upstream_weight_replaced_by_a_transposed_alias_is_not_replayed():
+    """A new Parameter over the same storage (same pointer, dtype, shape and version): another tensor."""
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(*linears(3)).eval(), torch.randn(3, 4)
+    old = model[0].weight  # kept alive: its id is not reused
+    with LayerEdit(model, {"2.weight": direction_for(model[2].weight, 28)}) as edit, torch.no_grad():
+        edit.step(0.2)
+        with upstream_replay(model, edit):
+            model(x)
+            model[0].weight = torch.nn.Parameter(old.detach().t())
+            assert model[0].weight.data_ptr() == old.data_ptr() and model[0].weight._version == old._version
+            got = model(x)
+        want = model(x)
+    assert torch.equal(got, want) and not torch.equal(model[0].weight, old)
+
+
+def test_a_stack_whose_input_moves_every_pass_says_so_by_name_and_turns_off(caplog):
+    model, x = sequential_and_input()
+    owner = Owner()
+    with torch.no_grad():
+        want = [model(x + i) for i in range(5)]
+    replay = StackReplay(owner, "tower", model, 3)
+    replay.install()
+    try:
+        with torch.no_grad(), caplog.at_level(logging.DEBUG, logger="slug_fast"):
+            got = []
+            for i in range(5):
+                owner.moves += 1
+                got.append(model(x + i))
+    finally:
+        replay.remove()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert replay.stats()["off"] and (replay.cache.misses, replay.bypassed) == (3, 2)
+    assert [r.getMessage() for r in caplog.records] == ["replay tower: recorded calls never matched for 2 passes; off"]
