@@ -538,3 +538,220 @@ def test_search_candidate_edits_with_its_backend_and_replays_as_cache_says(monke
     assert replay.linear is True and replay.budget.limit == 12345 and list(replay.stats()["linears"]) == ["2"]
     search(True, 4321)
     assert replays[0].linear is False and replays[0].budget.limit == 4321
+
+
+def _square_mean(m, x):
+    return m(x).square().mean()
+
+
+def _tiny_mlp(dtype=torch.float32, seed=0, width=4, depth=3, out=2, rows=(6, 8)):
+    """A bias-free Linear/Tanh stack (`depth` layers width -> width, the last width -> out) in
+    forward (= registration) order with weights and one forget and one retain batch (`rows`
+    rows each) from a fixed generator; towers {"t<i>": layer i's prefix}: one layer each."""
+    mods = []
+    for i in range(depth):
+        mods += [torch.nn.Linear(width, out if i == depth - 1 else width, bias=False), torch.nn.Tanh()]
+    net = torch.nn.Sequential(*mods[:-1]).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
+    forget, retain = ([torch.randn(n, width, generator=gen, dtype=dtype)] for n in rows)
+    towers = {f"t{i}": f"{2 * i}." for i in range(depth)}
+    return net, forget, retain, towers
+
+
+def _replay_spy(monkeypatch):
+    """Records the options of every upstream_replay unlearn's step search opens (the real one runs)."""
+    unlearn_mod = importlib.import_module("slug_fast.unlearn")
+    from slug_fast.replay import upstream_replay
+
+    asked = []
+
+    def spy(model, edit, **options):
+        asked.append(options)
+        return upstream_replay(model, edit, **options)
+
+    monkeypatch.setattr(unlearn_mod, "upstream_replay", spy)
+    return asked
+
+
+def test_the_search_cache_gets_what_the_memory_budget_leaves_beside_the_candidates_directions(monkeypatch):
+    """Without a budget the replay cache may hold DEFAULT_MAX_BYTES; with one it gets the budget
+    less the bytes of every candidate's forget direction (float32: 4 bytes an element), at most
+    DEFAULT_MAX_BYTES; each candidate's search gets the same allowance."""
+    from slug_fast.replay import DEFAULT_MAX_BYTES
+
+    asked = _replay_spy(monkeypatch)
+    net, forget, retain, towers = _tiny_mlp()
+    sizes = {n: p.numel() for n, p in net.named_parameters()}
+    for budget, budget_bytes in ((None, None), ("100MiB", 100 << 20), (3 << 30, 3 << 30)):
+        asked.clear()
+        res = slug_fast.unlearn(net, forget, retain, lambda m: True, forget_loss=_square_mean,
+                                retain_loss=_square_mean, towers=towers, memory_budget=budget, max_evals=1,
+                                apply=False, progress=False)
+        assert res.memory.mode == "full" and res.memory.budget_bytes == budget_bytes
+        assert res.memory.final_pass is False  # the full store holds every direction: no recomputing pass
+        assert [c.layers for c in res.candidates] == [["0.weight"], ["2.weight"], ["4.weight"]]
+        held = 4 * (16 + 16 + 8)
+        assert sum(4 * sizes[n] for c in res.candidates for n in c.layers) == held
+        want = {None: DEFAULT_MAX_BYTES, "100MiB": (100 << 20) - held, 3 << 30: DEFAULT_MAX_BYTES}[budget]
+        assert [o["max_bytes"] for o in asked] == [want] * 3, budget
+
+
+def test_a_budget_below_the_candidates_directions_leaves_the_cache_nothing_and_keeps_the_deepest(monkeypatch):
+    """A budget (0.75x the weights) smaller than the candidates' forget directions together
+    (every layer is its own tower's front, so every layer is a candidate): the replay cache
+    gets 0 bytes, not a negative or a token allowance; the chunked store keeps, after each
+    pass, the running fronts deepest first (by the forward pass, input to output) and had to
+    recompute some directions in a final pass, which the memory report records."""
+    unlearn_mod = importlib.import_module("slug_fast.unlearn")
+    asked = _replay_spy(monkeypatch)
+    kept_lists = []
+
+    class Spy(unlearn_mod.ChunkedStore):
+        def __init__(self, *args, keep, **kwargs):
+            def recorded(seen):
+                wanted = keep(seen)
+                kept_lists.append((list(seen.names), seen.importance.tolist(), wanted))
+                return wanted
+            super().__init__(*args, keep=recorded, **kwargs)
+
+    monkeypatch.setattr(unlearn_mod, "ChunkedStore", Spy)
+    net, forget, retain, towers = _tiny_mlp(torch.float64, width=1024, depth=14, out=1024, rows=(2, 2))
+    forward = [n for n, _ in net.named_parameters()]  # a Sequential registers its layers in forward order
+    res = slug_fast.unlearn(net, forget, retain, lambda m: True, forget_loss=_square_mean, retain_loss=_square_mean,
+                            towers=towers, memory_budget="0.75x", max_evals=1, apply=False, progress=False)
+    weights = sum(p.numel() * 8 for p in net.parameters())
+    held = sum(net.get_parameter(n).numel() * 8 for c in res.candidates for n in c.layers)
+    assert len(res.candidates) == 14 and held == weights
+    assert res.memory.mode == "chunked" and res.memory.budget_bytes == int(0.75 * weights) < held
+    assert [o["max_bytes"] for o in asked] == [0] * 14
+    assert res.memory.final_pass is True and res.memory.passes == len(res.memory.groups) + 1
+    assert len(kept_lists) == len(res.memory.groups) > 2
+    for names, importance, wanted in kept_lists:
+        assert all(v > 0 for v in importance)  # every seen layer is usable: its tower's front
+        assert wanted == [n for n in reversed(forward) if n in names]
+
+
+def test_the_step_search_progress_bar(monkeypatch, capsys):
+    """The step search shows a "step search" bar that is cleared when done (leave=False):
+    progress=True shows it, False hides it, None leaves it to tqdm (shown on a terminal)."""
+    unlearn_mod = importlib.import_module("slug_fast.unlearn")
+    real = unlearn_mod.tqdm
+    bars = []
+
+    def spy(iterable, **kwargs):
+        bars.append(kwargs)
+        return real(iterable, **kwargs)
+
+    monkeypatch.setattr(unlearn_mod, "tqdm", spy)
+    net, forget, retain, towers = _tiny_mlp()
+    for progress, disable in ((True, False), (False, True), (None, None)):
+        bars.clear()
+        capsys.readouterr()
+        slug_fast.unlearn(net, forget, retain, lambda m: True, forget_loss=_square_mean, retain_loss=_square_mean,
+                          towers=towers, max_evals=1, apply=False, progress=progress)
+        assert bars == [{"desc": "step search", "disable": disable, "leave": False}], progress
+        shown = capsys.readouterr().err
+        assert ("step search" in shown) == (progress is True), progress  # captured stderr is no terminal
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_unlearn_replays_the_step_search_as_cache_says(monkeypatch, cache):
+    """cache=False evaluates plainly (no replay); True replays every candidate's search without
+    caching Linear products, each within DEFAULT_MAX_BYTES without a budget; the step and the
+    delta are the same either way."""
+    from slug_fast.replay import DEFAULT_MAX_BYTES
+
+    asked = _replay_spy(monkeypatch)
+    net, forget, retain, towers = _tiny_mlp()
+    x = forget[0]
+    with torch.no_grad():
+        out0 = net(x)
+
+    def moved(model):  # holds once the output moved by 0.05: a few evaluations per candidate
+        with torch.no_grad():
+            return bool((model(x) - out0).abs().max() > 0.05)
+
+    res = slug_fast.unlearn(net, forget, retain, moved, forget_loss=_square_mean, retain_loss=_square_mean,
+                            towers=towers, cache=cache, apply=False, progress=False)
+    assert len(res.candidates) == 3 and res.config.cache == cache
+    want = [] if cache is False else [{"linear": False, "max_bytes": DEFAULT_MAX_BYTES}] * 3
+    assert asked == want
+    plain = slug_fast.unlearn(net, forget, retain, moved, forget_loss=_square_mean, retain_loss=_square_mean,
+                              towers=towers, cache=False, apply=False, progress=False)
+    assert [c.search.step for c in res.candidates] == [c.search.step for c in plain.candidates]
+    assert res.layers == plain.layers and all(torch.equal(res.delta[k], plain.delta[k]) for k in plain.delta)
+
+
+def test_criterion_not_reached_names_each_candidate_and_its_largest_step():
+    """The error lists every candidate searched, a grouped one as its layers joined by '+', with
+    the largest step tried, candidates separated by '; '."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False)
+
+        def forward(self, x):
+            return self.fc2(torch.tanh(self.fc1(x)))
+
+    net = torch.nn.Sequential()
+    net.add_module("blk", Block())
+    net.add_module("head", torch.nn.Linear(4, 2, bias=False))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    forget, retain = [torch.randn(6, 4, generator=gen)], [torch.randn(8, 4, generator=gen)]
+    original = params_of(net)
+    with pytest.raises(CriterionNotReached) as err:
+        slug_fast.unlearn(net, forget, retain, lambda m: False, forget_loss=_square_mean, retain_loss=_square_mean,
+                          towers={"mlp": "blk.", "head": "head."}, group=True, max_evals=2, progress=False)
+    first, second = err.value.searches
+    largest = [max(e.step for e in s.trace) for s in (first, second)]
+    summary = (f"blk.fc1.weight+blk.fc2.weight: up to step {largest[0]:.4g}; "
+               f"head.weight: up to step {largest[1]:.4g}")
+    assert f"within 2 evaluations per layer ({summary}); the model is unchanged" in str(err.value)
+    assert all(torch.equal(p.detach(), original[n]) for n, p in net.named_parameters())
+
+
+def test_a_float64_models_delta_is_the_float64_step_times_its_forget_gradient():
+    """A float64 model's delta is float64, exactly step * g_f (g_f by hand, the same float64
+    autograd), and the applied edit is exactly theta0 + delta."""
+    net, forget, retain, towers = _tiny_mlp(torch.float64)
+    theta0 = params_of(net)
+    grads = dict(zip(theta0, torch.autograd.grad(_square_mean(net, forget[0]), list(net.parameters()))))
+    res = slug_fast.unlearn(net, forget, retain, lambda m: True, forget_loss=_square_mean, retain_loss=_square_mean,
+                            towers=towers, max_evals=3, progress=False)
+    (name, delta), = res.delta.items()
+    step = torch.tensor(res.step, dtype=torch.float64)
+    assert delta.dtype == torch.float64 and torch.equal(delta, step * grads[name])
+    assert not torch.equal(delta, (step * grads[name]).float().double())  # float32 would have lost bits
+    assert torch.equal(net.get_parameter(name).detach(), theta0[name] + delta)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_the_final_edit_runs_on_the_backend_asked_and_the_result_says_which_ran(monkeypatch, backend):
+    """The edit that applies the delta is a LayerEdit with the run's backend; result.backends
+    ["edit"] is the backend that edit used: the torch reference when asked, else the C++ kernel
+    when it is built."""
+    unlearn_mod = importlib.import_module("slug_fast.unlearn")
+    from slug_fast.edit import LayerEdit
+
+    edits = []
+
+    class SpyEdit(LayerEdit):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            edits.append(self)
+
+    monkeypatch.setattr(unlearn_mod, "LayerEdit", SpyEdit)
+    net, forget, retain, towers = _tiny_mlp()
+    res = slug_fast.unlearn(net, forget, retain, lambda m: True, forget_loss=_square_mean, retain_loss=_square_mean,
+                            towers=towers, max_evals=1, backend=backend, progress=False)
+    final = edits[-1]
+    assert final.backend == backend and final.used_backend == res.backends["edit"]
+    cpp_built = slug_fast.backends()["cpp"] is None
+    assert res.backends["edit"] == ("cpp" if backend == "auto" and cpp_built else "torch")
