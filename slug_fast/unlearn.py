@@ -281,7 +281,7 @@ def unlearn(model, forget: Iterable, retain: Iterable, criterion: Criterion, *, 
     for t, layers in tqdm(picks, desc="step search", disable=None if progress is None else not progress,
                           leave=False):
         candidates.append(search_candidate(ad, t, layers, directions_of, stats, criterion, utility,
-                                           max_evals, backend, cache and not sharded, cache_bytes, ranks))
+                                           max_evals, backend, False if sharded else cache, cache_bytes, ranks))
     t3 = time.perf_counter()
     times["search"] = t3 - t2
 

@@ -22,6 +22,7 @@ from slug_fast import digits
 from slug_fast.adapters.hf_clip import HFClipAdapter
 from slug_fast.demo import accuracies
 from slug_fast.edit import LayerEdit
+from slug_fast.errors import SlugError
 from slug_fast.eval import concept_criterion
 from slug_fast.replay import ByteBudget, RecordCache, find_stacks, upstream_replay
 from slug_fast.replay.hooks import HF_CHECKED, HF_COLLECTOR, HF_HOOK, HF_KEY, HF_MODULE, global_hooks, \
@@ -1580,3 +1581,70 @@ def test_a_stack_whose_input_moves_every_pass_says_so_by_name_and_turns_off(capl
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert replay.stats()["off"] and (replay.cache.misses, replay.bypassed) == (3, 2)
     assert [r.getMessage() for r in caplog.records] == ["replay tower: recorded calls never matched for 2 passes; off"]
+
+
+def test_a_stack_repeating_a_module_is_recomputed_not_refused():
+    """Sequential(b, b, edited): one module at two depths cannot be told apart by its forward, so the
+    stack is not replayed; evaluation equals plain and nothing stays patched."""
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(6, 6)
+    model = torch.nn.Sequential(shared, shared, torch.nn.Linear(6, 3)).eval()
+    x = torch.randn(4, 6)
+    with LayerEdit(model, {"2.weight": direction_for(model[2].weight, 12)}) as edit, torch.no_grad():
+        with upstream_replay(model, edit) as replay:
+            got = []
+            for s in STEPS:
+                edit.step(s)
+                got.append(model(x))
+            assert replay.stats()["stacks"] == {}
+        want = []
+        for s in STEPS:
+            edit.step(s)
+            want.append(model(x))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert no_patches(model)
+
+
+def test_a_refused_stack_unpatches_the_blocks_it_had_patched():
+    """A block that already has an instance forward (another wrapper) is refused; the blocks of the
+    same stack before it, and every stack installed before, are unpatched; the wrapper stays."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6),
+                                torch.nn.Linear(6, 3)).eval()
+    wrapper = model[2].forward
+    model[2].forward = wrapper  # an instance attribute, as a wrapping library sets it
+    with LayerEdit(model, {"3.weight": direction_for(model[3].weight, 13)}) as edit:
+        with pytest.raises(SlugError, match=r"block \.2 already has an instance forward"):
+            with upstream_replay(model, edit):
+                pass
+    assert "forward" not in model[0].__dict__ and "forward" not in model[1].__dict__
+    assert model[2].__dict__["forward"] is wrapper
+
+
+def test_an_upstream_weight_given_new_strides_is_not_replayed():
+    """weight.data = weight.data.t(): the same tensor object, storage and version, other strides."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 12), torch.nn.Tanh(),
+                                torch.nn.Linear(12, 3)).eval()
+    x = torch.randn(5, 8)
+    with LayerEdit(model, {"4.weight": direction_for(model[4].weight, 14)}) as edit, torch.no_grad():
+        with upstream_replay(model, edit):
+            edit.step(0.3)
+            model(x)
+            model[2].weight.data = model[2].weight.data.t()
+            got = model(x)
+        want = model(x)
+    assert torch.equal(got, want)
+
+
+def test_an_upstream_parameter_replaced_is_not_replayed():
+    """A new Parameter object in place of an upstream weight, with other values: recomputed."""
+    model, x = sequential_and_input()
+    with LayerEdit(model, {"3.weight": direction_for(model[3].weight, 15)}) as edit, torch.no_grad():
+        with upstream_replay(model, edit):
+            edit.step(0.3)
+            model(x)
+            model[0].weight = torch.nn.Parameter(model[0].weight.detach() * 2)
+            got = model(x)
+        want = model(x)
+    assert torch.equal(got, want)

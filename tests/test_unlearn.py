@@ -657,11 +657,11 @@ def test_the_step_search_progress_bar(monkeypatch, capsys):
         assert ("step search" in shown) == (progress is True), progress  # captured stderr is no terminal
 
 
-@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("cache", [False, True, "linear"])
 def test_unlearn_replays_the_step_search_as_cache_says(monkeypatch, cache):
     """cache=False evaluates plainly (no replay); True replays every candidate's search without
-    caching Linear products, each within DEFAULT_MAX_BYTES without a budget; the step and the
-    delta are the same either way."""
+    caching Linear products, "linear" with them, each within DEFAULT_MAX_BYTES without a budget;
+    the step and the delta are the same either way."""
     from slug_fast.replay import DEFAULT_MAX_BYTES
 
     asked = _replay_spy(monkeypatch)
@@ -677,7 +677,7 @@ def test_unlearn_replays_the_step_search_as_cache_says(monkeypatch, cache):
     res = slug_fast.unlearn(net, forget, retain, moved, forget_loss=_square_mean, retain_loss=_square_mean,
                             towers=towers, cache=cache, apply=False, progress=False)
     assert len(res.candidates) == 3 and res.config.cache == cache
-    want = [] if cache is False else [{"linear": False, "max_bytes": DEFAULT_MAX_BYTES}] * 3
+    want = [] if cache is False else [{"linear": cache == "linear", "max_bytes": DEFAULT_MAX_BYTES}] * 3
     assert asked == want
     plain = slug_fast.unlearn(net, forget, retain, moved, forget_loss=_square_mean, retain_loss=_square_mean,
                               towers=towers, cache=False, apply=False, progress=False)

@@ -24,6 +24,9 @@ def find_stacks(model: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         if not all(k.isdigit() for k in m._modules):
             continue
+        blocks = list(m._modules.values())
+        if len({id(b) for b in blocks}) != len(blocks):
+            continue  # a module at two depths (weights tied across blocks): one forward cannot tell them apart
         if any(name.startswith(outer + ".") or outer == "" for outer, _ in found):
             continue
         found.append((name, m))
@@ -119,8 +122,11 @@ class StackReplay:
 
     # --- install / remove
     def install(self) -> None:
+        """Patch each block's forward, or none: a refused block unpatches those before it."""
         for j, block in enumerate(self.blocks):
             if "forward" in block.__dict__:
+                for done in self.blocks[:j]:
+                    done.__dict__.pop("forward", None)
                 raise SlugError(f"block {self.name}.{j} already has an instance forward; another replay or "
                                 "wrapper is active on it")
             block.forward = self._forward(j)
@@ -213,7 +219,7 @@ class StackReplay:
                         continue
                     if id(t) in edited:
                         return None
-                    key.append((id(t), t._version, t.data_ptr(), t.dtype, t.shape))
+                    key.append((id(t), t._version, t.data_ptr(), t.dtype, t.shape, t.stride()))
         key = tuple(key)
         if key != self.region_key:
             if self.region_key is not None:
