@@ -42,6 +42,8 @@ def _as_values(what: str, values) -> torch.Tensor:
                         f"({str(e).splitlines()[0] if str(e) else 'not numeric'})") from None
     if t.dtype == torch.bool or t.is_complex():
         raise SlugError(f"{what} must hold real numbers; got dtype {t.dtype}")
+    if t.is_floating_point() and not isinstance(values, torch.Tensor):
+        t = torch.as_tensor(values, dtype=torch.float64)  # Python floats are doubles: never via float32
     if t.dim() != 1:
         raise SlugError(f"{what} must be 1-D (one value per layer); got shape {tuple(t.shape)}")
     return t.to(torch.float64).cpu()

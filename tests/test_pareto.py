@@ -1,6 +1,7 @@
 """pareto_front against an O(n^2) brute force, and the layer-choice helpers on top of it."""
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,6 +68,9 @@ def test_known_answers(backend):
     assert front([float("nan"), 0.5, 0.4], [9.0, float("nan"), 0.0]) == [2]
     assert front([0.1, 0.2], [-float("inf"), float("inf")]) == [0, 1]
     assert front(torch.tensor([0.3, 0.1], dtype=torch.float32), (1.0, 2.0)) == [1]
+    # Python floats 1e-10 apart, equal once rounded to float32: layer 1 is strictly dominated
+    assert front([0.5, 0.5 + 1e-10], [1.0 + 1e-10, 1.0]) == [0]
+    assert front((0.5, 0.5 + 1e-10), np.array([1.0 + 1e-10, 1.0])) == [0]
 
 
 def test_length_mismatch_is_refused():
