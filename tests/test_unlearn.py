@@ -833,10 +833,10 @@ def mlp_task(seed=0):
                                      utility=utility)
 
 
-def unlearn_mlp(net, forget, retain, fns, **options):
+def unlearn_mlp(net, forget, retain, fns, progress=False, **options):
     return slug_fast.unlearn(net, forget, retain, fns["criterion"], utility=fns["utility"],
                              forget_loss=fns["forget_loss"], retain_loss=fns["retain_loss"], max_evals=12,
-                             strategy="best", progress=False, **options)
+                             strategy="best", progress=progress, **options)
 
 
 def full_weights(model):
@@ -945,3 +945,12 @@ def test_a_dtensor_directions_step_is_the_plain_step_laid_out_like_it(one_rank, 
     want = scaled_step(whole, 0.1, dtype)
     assert want.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert got.dtype == want.dtype and torch.equal(got.full_tensor(), want)
+
+
+def test_rank_0_draws_the_progress_bars_it_is_asked_for(one_rank, capsys):
+    """progress=True on rank 0 of a group shows the gradient and step-search bars (the other
+    ranks never draw: tests/test_distributed.py)."""
+    net, forget, retain, fns = mlp_task()
+    unlearn_mlp(net, forget, retain, fns, progress=True)
+    shown = capsys.readouterr().err
+    assert "forget gradients" in shown and "step search" in shown
