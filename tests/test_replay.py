@@ -1648,3 +1648,12 @@ def test_an_upstream_parameter_replaced_is_not_replayed():
             got = model(x)
         want = model(x)
     assert torch.equal(got, want)
+
+
+def test_find_stacks_passes_over_a_stack_repeating_a_module_and_finds_the_next():
+    """A container with one module at two depths is no stack; the containers after it still are."""
+    shared = torch.nn.Linear(4, 4)
+    model = torch.nn.Module()
+    model.tied = torch.nn.Sequential(shared, shared)
+    model.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+    assert find_stacks(model) == [("blocks", model.blocks)]

@@ -16,6 +16,8 @@ from slug_fast.delta import load_delta
 from slug_fast.demo import accuracies, pair_batches
 from slug_fast.errors import CriterionNotReached, DeltaError, SlugError
 from slug_fast.losses import clip_embeddings
+from slug_fast.pareto import is_eligible
+from slug_fast.replay import DEFAULT_MAX_BYTES
 
 FORGET = 3
 
@@ -878,6 +880,7 @@ def test_data_parallel_path_on_one_rank_equals_running_alone(one_rank, partition
                          "batches": {"forget": len(forget), "retain": len(retain)}, "sent": dict(ranks.sent)}
     assert ranks.sent and all(v > 0 for v in ranks.sent.values())
     assert res.writes
+    assert res.tower_members == {"model": [n for n, p in net.named_parameters() if is_eligible(n, p.shape)]}
 
 
 def test_every_step_of_the_search_and_the_edit_goes_through_the_ranks(one_rank):
@@ -906,10 +909,12 @@ def test_process_group_false_runs_alone_even_with_a_group(one_rank):
     assert given == [False] and not made and res.ranks is None
 
 
-def test_fsdp2_shards_on_one_rank_equal_running_alone(one_rank):
-    """FSDP2 (fully_shard) parameters are DTensors: the sharded store, DTensor steps and deltas."""
+def test_fsdp2_shards_on_one_rank_equal_running_alone(one_rank, monkeypatch):
+    """FSDP2 (fully_shard) parameters are DTensors: the sharded store, DTensor steps and deltas;
+    the step search evaluates plainly (no replay of sharded blocks) even with cache=True."""
     fsdp = pytest.importorskip("torch.distributed.fsdp")
     made, _ = one_rank
+    replays = _replay_spy(monkeypatch)
     net, forget, retain, fns = mlp_task()
     alone_net = copy.deepcopy(net)
     alone = unlearn_mlp(alone_net, forget, retain, fns, process_group=False)
@@ -923,6 +928,7 @@ def test_fsdp2_shards_on_one_rank_equal_running_alone(one_rank):
     ranks, = made
     assert res.ranks["partition"] == "fsdp" and res.ranks["world"] == 1
     assert ("agree", "applying the edit") in ranks.calls
+    assert replays == [{"linear": False, "max_bytes": DEFAULT_MAX_BYTES}] * len(alone.candidates)  # alone replays
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
