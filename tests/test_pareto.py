@@ -71,6 +71,8 @@ def test_known_answers(backend):
     # Python floats 1e-10 apart, equal once rounded to float32: layer 1 is strictly dominated
     assert front([0.5, 0.5 + 1e-10], [1.0 + 1e-10, 1.0]) == [0]
     assert front((0.5, 0.5 + 1e-10), np.array([1.0 + 1e-10, 1.0])) == [0]
+    assert front(torch.tensor([3, 1, 2]), torch.tensor([1, 2, 3], dtype=torch.int32)) == [1, 2]  # integer tensors
+    assert front(np.array([2, 1], dtype=np.int16), [1.5, 0.5]) == [0, 1]
 
 
 def test_length_mismatch_is_refused():
